@@ -1,0 +1,5 @@
+"""Allows ``python -m streamer``."""
+
+from streamer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,302 @@
+"""The composition root: build every component, run the intake loop, drain, stop.
+
+Start order (stop runs it backwards): shared-memory slots -> decode and inference
+workers -> batcher -> producer -> consumer -> metrics server. The service is
+ready once the consumer has joined and the model is warm.
+
+Shutdown has three phases: stop taking work (pause the consumer), let in-flight
+records finish within ``drain_timeout_s``, then cancel what is left (it stays
+uncommitted and is processed again after a restart). Offsets done so far are
+committed before the consumer leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from aiokafka.structs import TopicPartition
+
+from streamer.config import Settings
+from streamer.http import MetricsServer
+from streamer.kafka.intake import Intake
+from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.publisher import Publisher, PublisherClosed
+from streamer.loopmon import LoopLagMonitor
+from streamer.metrics import Metrics
+from streamer.pipeline.batcher import Batcher, BatchInfo
+from streamer.pipeline.processor import Classified, ProcessorConfig, RecordProcessor, Record
+from streamer.schemas import ModelInfo
+from streamer.workers import decode_worker, inference_worker
+from streamer.workers.decode import DecodeLimits
+from streamer.workers.devices import check_precision, cuda_device_count, resolve_devices
+from streamer.workers.inference_worker import BatchResult, InferenceConfig
+from streamer.workers.models import MODEL_NAME, WeightsSpec, imagenet_labels
+from streamer.workers.pool import WorkerPool
+from streamer.workers.shm import SlotPool, sweep_orphans
+
+log = logging.getLogger(__name__)
+
+BATCHES_IN_FLIGHT_PER_DEVICE = 2  # one running, one queued: the device never idles
+
+
+class State(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+class Service:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.state = State.CREATED
+        self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe)
+        self._weights = WeightsSpec.parse(settings.weights)
+        self._devices = resolve_devices(settings.device, cuda_device_count())
+        for device in self._devices:
+            check_precision(settings.precision, device)
+        self._permits = asyncio.Semaphore(settings.max_in_flight)
+        self._tracker = OffsetTracker()
+        self._slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
+        self._in_flight: dict[asyncio.Task[None], TopicPartition] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._ready = False
+        self.model_info: ModelInfo | None = None
+        self.decoders: WorkerPool | None = None
+        self.inference: WorkerPool | None = None
+        self._batcher: Batcher[int, Classified] | None = None
+        self._processor: RecordProcessor | None = None
+        self._publisher: Publisher | None = None
+        self._intake: Intake | None = None
+        self._metrics_server: MetricsServer | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._metrics_server.port if self._metrics_server else None
+
+    async def start(self) -> None:
+        s = self.settings
+        self.state = State.STARTING
+        sweep_orphans()
+        self._slots.open()
+        self.metrics.shm_bytes.set(self._slots.layout.total_bytes)
+        try:
+            await self._start_components(s)
+        except BaseException:
+            await self.stop()
+            raise
+        self.state = State.RUNNING
+        self._ready = True
+        self.metrics.ready.set(1)
+        log.info("service running input=%s output=%s dlq=%s group=%s devices=%s",
+                 s.input_topic, s.output_topic, s.dlq_topic, s.group_id, self._devices)
+
+    async def _start_components(self, s: Settings) -> None:
+        layout = self._slots.layout
+        limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
+        threads = s.inference_threads or max(1, os.cpu_count() or 1)
+        self.decoders = WorkerPool(
+            "decode", s.decode_workers, decode_worker.main, lambda i: (layout, limits),
+            self.metrics, s.worker_start_timeout_s)
+        self.inference = WorkerPool(
+            "inference", len(self._devices), inference_worker.main,
+            lambda i: (layout, InferenceConfig(self._weights, self._devices[i], s.precision,
+                                               s.top_k, threads)),
+            self.metrics, s.worker_start_timeout_s)
+        await asyncio.gather(self.decoders.start(), self.inference.start())
+        info = self.inference.workers[0].ready_info
+        self.model_info = ModelInfo(name=MODEL_NAME, weights=info["weights"],
+                                    device=",".join(self._devices), precision=s.precision)
+        self.metrics.model.info(self.model_info.model_dump())
+        self._batcher = Batcher(
+            self._run_batch, max_batch_size=s.max_batch_size,
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self._devices),
+            on_dispatch=self._on_batch)
+        await self._batcher.start()
+        self._publisher = Publisher(s, self.metrics)
+        await self._publisher.start()
+        self._processor = RecordProcessor(
+            ProcessorConfig(s.output_topic, s.dlq_topic, s.max_payload_bytes,
+                            s.max_record_attempts),
+            self._slots, self.decoders, self._batcher, self._publisher, self.metrics,
+            self.model_info, imagenet_labels())
+        self._intake = Intake(s, self._tracker, self.metrics, self._finish_revoked)
+        await self._intake.start()
+        if s.metrics_port or s.metrics_port == 0:
+            self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port,
+                                                 self.metrics.registry, lambda: self._ready)
+            await self._metrics_server.start()
+        await self.loop_lag.start()
+        self.metrics.free_permits.set(s.max_in_flight)
+        self._tasks = [
+            asyncio.create_task(self._intake_loop(), name="intake"),
+            asyncio.create_task(self._commit_loop(), name="commit"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._on_background_done)
+
+    async def run(self) -> None:
+        """Start, serve until ``request_stop`` or a fatal error, then drain and stop."""
+        await self.start()
+        failures = [p.failed for p in (self.decoders, self.inference) if p and p.failed]
+        waiters = [asyncio.ensure_future(self._stop_requested.wait()), *failures]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                if w.done() and not w.cancelled() and w.exception() is not None:
+                    self._fatal = self._fatal or w.exception()
+            waiters[0].cancel()
+            await self.stop()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def stop(self) -> None:
+        """Drain and tear down in reverse start order; safe to call twice."""
+        if self.state in (State.STOPPED, State.DRAINING):
+            return
+        self.state = State.DRAINING
+        self._ready = False
+        self.metrics.ready.set(0)
+        s = self.settings
+        if self._intake is not None and self._intake.started:
+            self._intake.stop_fetching()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._in_flight:
+            log.info("draining in_flight=%d timeout_s=%.1f", len(self._in_flight), s.drain_timeout_s)
+            _, pending = await asyncio.wait(list(self._in_flight), timeout=s.drain_timeout_s or None)
+            if pending:
+                log.warning("drain deadline passed; abandoning %d records (left uncommitted)",
+                            len(pending))
+                if self._publisher is not None:
+                    self._publisher.close_for_sends()
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        if self._intake is not None:
+            if self._intake.started:
+                await self._intake.commit()
+            await self._intake.stop()
+        if self._publisher is not None:
+            await self._publisher.stop()
+        if self._batcher is not None:
+            await self._batcher.stop()
+        for pool in (self.inference, self.decoders):
+            if pool is not None:
+                await pool.stop()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+        await self.loop_lag.stop()
+        self._slots.close()
+        self.state = State.STOPPED
+        log.info("service stopped")
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------ loops
+
+    async def _intake_loop(self) -> None:
+        """Take a permit per record (pausing the consumer when none is left), then process it."""
+        assert self._intake is not None
+        intake = self._intake
+        async for record in intake.records():
+            fetched_at = time.perf_counter()
+            if self._permits.locked():
+                intake.pause()
+                await self._permits.acquire()
+                intake.resume()
+            else:
+                await self._permits.acquire()
+            tp = TopicPartition(record.topic, record.partition)
+            if not intake.owns(tp):
+                self._permits.release()  # revoked while we waited: the new owner has it
+                continue
+            ticket = self._tracker.start(tp, record.offset)
+            task = asyncio.create_task(
+                self._handle(record, ticket, fetched_at, time.perf_counter() - fetched_at),
+                name=f"record-{record.topic}-{record.partition}-{record.offset}")
+            self._in_flight[task] = tp
+            self._update_permit_gauges()
+
+    async def _handle(self, record: Record, ticket: object, fetched_at: float,
+                      permit_wait_s: float) -> None:
+        assert self._processor is not None
+        try:
+            await self._processor.process(record, fetched_at, permit_wait_s)
+            self._tracker.done(ticket)  # type: ignore[arg-type]
+        except (PublisherClosed, asyncio.CancelledError):
+            pass  # shutting down: stays uncommitted, processed again after restart
+        except Exception as exc:  # noqa: BLE001 - not a record error: the service is broken
+            log.exception("record failed unexpectedly topic=%s partition=%d offset=%d",
+                          record.topic, record.partition, record.offset)
+            self._fail(exc)
+        finally:
+            self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._permits.release()
+            self._update_permit_gauges()
+
+    async def _commit_loop(self) -> None:
+        assert self._intake is not None
+        interval = self.settings.commit_interval_ms / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            await self._intake.commit()
+
+    async def _finish_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Give in-flight records of revoked partitions a deadline to be acked."""
+        tasks = [t for t, tp in self._in_flight.items() if tp in revoked]
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s or None)
+
+    async def _run_batch(self, slots: Sequence[int]) -> list[Classified]:
+        assert self.inference is not None
+        dispatched_at = time.perf_counter()
+        result: BatchResult = await self.inference.submit(list(slots))
+        n = len(slots)
+        return [Classified(i, s, n, result.forward_s, dispatched_at)
+                for i, s in zip(result.indices, result.scores)]
+
+    def _on_batch(self, info: BatchInfo) -> None:
+        self.metrics.batch_size.observe(info.size)
+        self.metrics.batch_fill_wait.observe(info.fill_s)
+
+    def _update_permit_gauges(self) -> None:
+        in_flight = len(self._in_flight)
+        self.metrics.in_flight.set(in_flight)
+        self.metrics.free_permits.set(self.settings.max_in_flight - in_flight)
+
+    def _on_background_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed task=%s error=%r", task.get_name(), task.exception())
+            self._fail(task.exception())  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._fatal is None:
+            self._fatal = exc
+        self._stop_requested.set()

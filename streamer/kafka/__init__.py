@@ -1,0 +1,1 @@
+"""Kafka clients: intake (consumer), publisher (producer), offset tracking."""

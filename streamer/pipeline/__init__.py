@@ -1,0 +1,1 @@
+"""The record pipeline on the event loop: batching and per-record stages."""

@@ -1,0 +1,1 @@
+"""Command-line tools around the service: produce images, read predictions, create topics."""

@@ -1,0 +1,92 @@
+"""``streamer produce PATH...``: publish image files to the input topic.
+
+Paths may be files, folders (every file inside, recursively) or glob patterns.
+Each record's value is the file's bytes, its key the file name, and its headers
+``content-type`` (from the extension), ``ce_id`` (a fresh UUID) and a W3C
+``traceparent``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import mimetypes
+import secrets
+import sys
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from streamer.schemas import HEADER_CONTENT_TYPE, HEADER_ID, HEADER_TRACEPARENT, Headers
+from streamer.tools.common import add_connection_flags, client_options, tool_settings
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("produce", help="publish image files to the input topic")
+    add_connection_flags(parser)
+    parser.add_argument("paths", nargs="+", help="files, folders or glob patterns")
+    parser.add_argument("--topic", default=None, help="default: the configured input topic")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_main)
+
+
+def expand(paths: Iterable[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in paths:
+        matches = glob.glob(pattern, recursive=True) or [pattern]
+        for match in sorted(matches):
+            path = Path(match)
+            if path.is_dir():
+                files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            elif path.is_file():
+                files.append(path)
+            else:
+                raise FileNotFoundError(f"no such file or folder: {match}")
+    return files
+
+
+def image_headers(path: Path) -> Headers:
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    return [(HEADER_CONTENT_TYPE, content_type.encode()),
+            (HEADER_ID, str(uuid.uuid4()).encode()),
+            (HEADER_TRACEPARENT, traceparent.encode())]
+
+
+async def produce_files(options: dict[str, Any], topic: str, files: list[Path],
+                        progress: bool = True) -> int:
+    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
+                                max_request_size=64 * 1024 * 1024, **options)
+    await producer.start()
+    try:
+        pending = []
+        for path in files:
+            pending.append(await producer.send(
+                topic, path.read_bytes(), key=path.name.encode(), headers=image_headers(path)))
+        for done, future in enumerate(pending, start=1):
+            await future
+            if progress:
+                _progress(done, len(files))
+    finally:
+        await producer.stop()
+    if progress:
+        print(file=sys.stderr)
+    return len(files)
+
+
+def _progress(done: int, total: int, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images acked")
+    sys.stderr.flush()
+
+
+def _main(args: argparse.Namespace) -> int:
+    files = expand(args.paths)
+    topic = args.topic or tool_settings(args).input_topic
+    count = asyncio.run(produce_files(client_options(args), topic, files, not args.quiet))
+    print(f"published {count} images to {topic}")
+    return 0

@@ -1,0 +1,1 @@
+"""Worker processes: shared-memory slots, decoding, inference, and their supervision."""

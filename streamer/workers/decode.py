@@ -1,0 +1,132 @@
+"""Decode and preprocess one encoded image into 224x224 RGB uint8 pixels.
+
+This runs in decode worker processes, never on the event loop. The output is the
+uint8 CHW tensor that torchvision's ``ResNet18_Weights.IMAGENET1K_V1.transforms()``
+would turn into floats: resize the shorter side to 256 (bilinear, as PIL does it),
+centre-crop 224. The inference worker then divides by 255 and normalises, so the
+model sees exactly what the torchvision transform would give it.
+
+Hostile input is refused before pixels are decoded: a format allow-list, a byte
+limit and a pixel limit checked on the header.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from streamer.errors import DecodeError
+
+RESIZE = 256
+CROP = 224
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_payload_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+
+
+def open_image(payload: bytes | memoryview, limits: DecodeLimits) -> Image.Image:
+    """Open (not yet decode) a payload, enforcing the byte, format and pixel limits."""
+    if len(payload) == 0:
+        raise DecodeError("empty payload", reason="empty")
+    if len(payload) > limits.max_payload_bytes:
+        raise DecodeError(
+            f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}",
+            reason="payload-too-large")
+    try:
+        with warnings.catch_warnings():
+            # Our own pixel limit below is stricter; Pillow's bomb warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload), formats=list(limits.allowed_formats))
+    except UnidentifiedImageError as exc:
+        reason = "unsupported-format" if _looks_like_other_image(payload) else "not-an-image"
+        raise DecodeError(
+            f"not a {'/'.join(limits.allowed_formats)} image", reason=reason) from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(str(exc), reason="too-many-pixels") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"invalid dimensions {width}x{height}", reason="invalid-dimensions")
+    if width * height > limits.max_image_pixels:
+        raise DecodeError(
+            f"{width}x{height} = {width * height} pixels exceeds {limits.max_image_pixels}",
+            reason="too-many-pixels")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Decode the first frame, apply EXIF orientation and convert to 8-bit RGB."""
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image.load()  # raises on truncated data (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping (which turns white).
+        array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
+        peak = 65535 if mode.startswith("I;16") else max(int(array.max()), 1)
+        scaled = (array.astype(np.float64) * (255.0 / peak)).round().astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    elif mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Composite transparent pixels on black, the same as a plain RGB convert.
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_and_crop(image: Image.Image) -> Image.Image:
+    """Shorter side to 256 (bilinear), then the centre 224x224, as torchvision does."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = RESIZE, int(RESIZE * long / short)
+    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    width, height = image.size
+    top = int(round((height - CROP) / 2.0))
+    left = int(round((width - CROP) / 2.0))
+    return image.crop((left, top, left + CROP, top + CROP))
+
+
+def decode_into(payload: bytes | memoryview, out: np.ndarray, limits: DecodeLimits) -> None:
+    """Decode ``payload`` and write 3x224x224 uint8 pixels into ``out`` (CHW)."""
+    image = open_image(payload, limits)
+    try:
+        rgb = to_rgb(image)
+        pixels = np.asarray(resize_and_crop(rgb), dtype=np.uint8)  # HWC
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise DecodeError(f"{type(exc).__name__}: {exc}", reason=reason) from exc
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(str(exc), reason="too-many-pixels") from exc
+    finally:
+        image.close()
+    out[...] = pixels.transpose(2, 0, 1)
+
+
+def decode(payload: bytes | memoryview, limits: DecodeLimits | None = None) -> np.ndarray:
+    """Convenience for tests and tools: decode into a fresh 3x224x224 array."""
+    out = np.empty((3, CROP, CROP), dtype=np.uint8)
+    decode_into(payload, out, limits or DecodeLimits())
+    return out
+
+
+_OTHER_IMAGE_MAGIC = (b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"8BPS")
+
+
+def _looks_like_other_image(payload: bytes | memoryview) -> bool:
+    head = bytes(payload[:12])
+    return head.startswith(_OTHER_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] != b"WEBP")

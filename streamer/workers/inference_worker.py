@@ -1,0 +1,101 @@
+"""Inference worker process: a batch of pixel slots in, top-k per slot out.
+
+One per device. It gathers the batch's uint8 slots into one tensor (pinned
+memory and a non-blocking copy on CUDA, so only uint8 crosses PCIe), converts and
+normalises on the device, runs ResNet18 under ``inference_mode`` in channels_last
+layout, and returns ``(indices, scores, forward_seconds)``. fp32 is the default;
+bf16/fp16 are opt-in.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from streamer.errors import InferenceFailed
+from streamer.workers.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
+from streamer.workers.process import serve
+from streamer.workers.shm import SlotLayout, SlotView
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    weights: WeightsSpec
+    device: str = "cpu"          # "cpu" or "cuda:N"
+    precision: str = "fp32"
+    top_k: int = 5
+    threads: int | None = None   # CPU intra-op threads
+    warmup_batch: int = 8
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    indices: list[list[int]]
+    scores: list[list[float]]
+    forward_s: float
+
+
+class Classifier:
+    """ResNet18 plus the normalisation that torchvision's transform would apply."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.precision]
+        model, self.weights_identity = build_model(config.weights)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        if self.dtype is not torch.float32:
+            self.model = self.model.to(self.dtype)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
+
+    @torch.inference_mode()
+    def classify(self, pixels: torch.Tensor) -> BatchResult:
+        """``pixels``: uint8 N x 3 x 224 x 224 on the CPU."""
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        # Same arithmetic as ToTensor/ConvertImageDtype + Normalize, in that order.
+        x = pixels.float().div_(255).sub_(self.mean).div_(self.std)
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        logits = self.model(x).float()
+        scores, indices = torch.softmax(logits, dim=1).topk(self.config.top_k, dim=1)
+        return BatchResult(indices.cpu().tolist(), scores.cpu().tolist(),
+                           time.perf_counter() - started)
+
+    def warm_up(self) -> None:
+        self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
+
+
+def main(requests: Connection, replies: Connection, layout: SlotLayout, config: InferenceConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    classifier = Classifier(config)
+    classifier.warm_up()
+    view = SlotView.attach(layout)
+    pixels = torch.from_numpy(view.pixels)  # shares the segment, no copy
+
+    def handle(slots: list[int]) -> BatchResult:
+        batch = pixels.index_select(0, torch.tensor(slots, dtype=torch.long))
+        try:
+            return classifier.classify(batch)
+        except Exception as exc:  # e.g. CUDA out of memory: every record of the batch retries
+            raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    try:
+        serve(requests, replies, handle, ready_info={
+            "pid": os.getpid(), "weights": classifier.weights_identity,
+            "device": str(classifier.device), "precision": config.precision,
+            "threads": torch.get_num_threads()})
+    finally:
+        del pixels
+        view.close()

@@ -1,0 +1,89 @@
+"""ResNet18 construction and weights: torchvision pretrained, a local file, or seeded random.
+
+``--weights`` accepts:
+
+* ``imagenet``      torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` (downloaded once into
+                    torch's cache; a clear error when the internet is unreachable);
+* ``random[:SEED]`` seeded random initialisation (default seed 0): meaningless predictions,
+                    for tests and benchmarks only, and logged as such;
+* ``PATH``          a ResNet18 ``state_dict`` saved with ``torch.save``.
+
+Labels always come from torchvision's ImageNet category list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torchvision.models import ResNet, ResNet18_Weights, resnet18
+
+from streamer.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "resnet18"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_labels() -> list[str]:
+    return list(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    kind: Literal["imagenet", "random", "file"]
+    seed: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> WeightsSpec:
+        if text == "imagenet":
+            return cls("imagenet")
+        if text == "random" or text.startswith("random:"):
+            _, _, seed = text.partition(":")
+            try:
+                return cls("random", seed=int(seed) if seed else 0)
+            except ValueError:
+                raise ConfigError(f"--weights {text!r}: the seed must be an integer") from None
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"--weights {text!r}: expected 'imagenet', 'random[:SEED]' or a state_dict file")
+        return cls("file", path=str(path.resolve()))
+
+
+def build_model(spec: WeightsSpec) -> tuple[ResNet, str]:
+    """Return the model in eval mode and a string naming its weights exactly."""
+    if spec.kind == "random":
+        log.warning("using RANDOM weights (seed %d): predictions are meaningless", spec.seed)
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(spec.seed)
+        model = resnet18(weights=None)
+        torch.random.set_rng_state(generator_state)
+        identity = f"random:{spec.seed}"
+    elif spec.kind == "imagenet":
+        try:
+            model = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1)
+        except Exception as exc:  # urllib/ssl/hash errors differ by platform
+            raise ModelLoadError(
+                "could not download torchvision's ResNet18 IMAGENET1K_V1 weights "
+                f"({type(exc).__name__}: {exc}); pass --weights PATH with a local state_dict, "
+                "or --weights random[:SEED] for tests") from exc
+        identity = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
+    else:
+        path = Path(spec.path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model = resnet18(weights=None)
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load a ResNet18 state_dict from {path}: {exc}") from exc
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        identity = f"file:{path.name}:sha256={digest}"
+    return model.eval(), identity

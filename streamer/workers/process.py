@@ -1,0 +1,241 @@
+"""One worker process and the asyncio side of talking to it.
+
+Requests and replies travel over two one-way pipes as small pickled tuples
+(slot indices, lengths, timings; never pixels). The worker uses ordinary blocking
+``Connection.recv``/``send``. The main process never blocks: replies are read by
+an asyncio ``StreamReader`` on the pipe's file descriptor, and requests are
+written through an asyncio write transport that buffers instead of blocking.
+
+Both sides speak ``multiprocessing.connection``'s framing: a 4-byte big-endian
+signed length (``-1`` then an 8-byte length for huge frames), then the payload.
+
+If the process dies, every request it held fails with ``WorkerCrashed`` and the
+``on_exit`` callback tells the owner, which decides what to do (respawn, retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import pickle
+import struct
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from streamer.errors import StreamerError, WorkerCrashed
+
+log = logging.getLogger(__name__)
+
+_SPAWN = mp.get_context("spawn")
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class WorkerStartError(StreamerError):
+    """The worker process failed before it reported ready."""
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def _child_main(target: Callable[..., None], log_level: int, *args: Any) -> None:
+    """Entry point of every worker: the owner's log level, then the worker's own main."""
+    from streamer import logs
+
+    logs.configure(log_level)
+    target(*args)
+
+
+def serve(requests: Connection, replies: Connection,
+          handle: Callable[[Any], Any], ready_info: Any = None) -> None:
+    """Worker main loop: reply ``(id, True, result)`` or ``(id, False, error)`` per request.
+
+    ``handle`` gets the request body. A ``StreamerError`` it raises is sent back
+    as the error (the owner decides what it means); any other exception is sent
+    back as an ``InferenceFailed``-style description, so one bad request never
+    kills the worker. ``None`` or a closed pipe ends the loop.
+    """
+    replies.send(("ready", True, ready_info))
+    while True:
+        try:
+            message = requests.recv()
+        except EOFError:  # the owner is gone: exit quietly
+            return
+        if message is None:
+            return
+        request_id, body = message
+        try:
+            reply = (request_id, True, handle(body))
+        except StreamerError as exc:
+            reply = (request_id, False, exc)
+        except Exception as exc:  # noqa: BLE001 - reported to the owner, not swallowed
+            reply = (request_id, False, RuntimeError(
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+        replies.send(reply)
+
+
+# ---------------------------------------------------------------- owner side
+
+
+class WorkerProcess:
+    """Owns one spawned worker: start, call, stop, and notice its death."""
+
+    def __init__(self, kind: str, index: int, target: Callable[..., None], args: tuple[Any, ...],
+                 on_exit: Callable[[WorkerProcess], None] | None = None) -> None:
+        self.kind = kind
+        self.index = index
+        self.name = f"{kind}-{index}"
+        self.state = WorkerState.STOPPED
+        self.ready_info: Any = None
+        self._target = target
+        self._args = args
+        self._on_exit = on_exit
+        self._process: mp.process.BaseProcess | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._writer: asyncio.WriteTransport | None = None
+        self._ready: asyncio.Future[Any] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def load(self) -> int:
+        return len(self._pending)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode if self._process else None
+
+    async def start(self, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        req_read, req_write = _SPAWN.Pipe(duplex=False)
+        rep_read, rep_write = _SPAWN.Pipe(duplex=False)
+        self.state = WorkerState.STARTING
+        self._process = _SPAWN.Process(
+            target=_child_main,
+            args=(self._target, logging.getLogger().getEffectiveLevel(), req_read, rep_write,
+                  *self._args),
+            name=f"streamer-{self.name}", daemon=True)
+        self._process.start()
+        # The child has its own copies now; keep only our ends.
+        req_read.close()
+        rep_write.close()
+        reader = asyncio.StreamReader(limit=2**26)
+        read_file = os.fdopen(os.dup(rep_read.fileno()), "rb", buffering=0)
+        write_file = os.fdopen(os.dup(req_write.fileno()), "wb", buffering=0)
+        rep_read.close()
+        req_write.close()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
+        self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, write_file)
+        self._ready = loop.create_future()
+        self._reader_task = asyncio.create_task(self._read_replies(reader), name=f"{self.name}-replies")
+        try:
+            self.ready_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except (TimeoutError, WorkerCrashed) as exc:
+            await self.kill()
+            raise WorkerStartError(f"{self.name} did not start: {exc}") from exc
+        self.state = WorkerState.RUNNING
+        log.info("worker started worker=%s pid=%s", self.name, self.pid)
+
+    def call(self, body: Any) -> asyncio.Future[Any]:
+        """Send one request; the future gets the reply value or its error."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.state is not WorkerState.RUNNING or self._writer is None:
+            future.set_exception(WorkerCrashed(self.kind, self.exitcode))
+            return future
+        request_id = next(self._ids)
+        self._pending[request_id] = future
+        self._send((request_id, body))
+        return future
+
+    def _send(self, message: Any) -> None:
+        assert self._writer is not None
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer.write(_HEADER.pack(len(data)) + data)
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+                if size == -1:
+                    (size,) = _LONG_HEADER.unpack(await reader.readexactly(_LONG_HEADER.size))
+                request_id, ok, value = pickle.loads(await reader.readexactly(size))
+                if request_id == "ready":
+                    if self._ready and not self._ready.done():
+                        self._ready.set_result(value)
+                    continue
+                future = self._pending.pop(request_id, None)
+                if future is None or future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the pipe closed: the process exited
+        finally:
+            await self._reap()
+
+    async def _reap(self) -> None:
+        process = self._process
+        if process is not None:
+            # The pipe is closed, so the process is exiting; wait without blocking the loop.
+            for _ in range(200):
+                if process.exitcode is not None:
+                    break
+                await asyncio.sleep(0.01)
+        expected = self.state in (WorkerState.STOPPING, WorkerState.STOPPED)
+        self.state = WorkerState.STOPPED
+        error = WorkerCrashed(self.kind, self.exitcode)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(error)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if not expected:
+            log.error("worker died worker=%s pid=%s exitcode=%s", self.name, self.pid, self.exitcode)
+            if self._on_exit is not None:
+                self._on_exit(self)
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to finish its queue and exit; kill it after ``timeout_s``."""
+        if self._process is None or self.state is WorkerState.STOPPED:
+            return
+        self.state = WorkerState.STOPPING
+        if self._writer is not None and not self._writer.is_closing():
+            self._send(None)
+        if self._reader_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._reader_task), timeout_s)
+            except TimeoutError:
+                log.warning("worker did not stop in time, killing worker=%s", self.name)
+                await self.kill()
+        self.state = WorkerState.STOPPED
+
+    async def kill(self) -> None:
+        if self._process is not None and self._process.exitcode is None:
+            self.state = WorkerState.STOPPING
+            self._process.kill()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        self.state = WorkerState.STOPPED
