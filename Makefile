@@ -34,7 +34,7 @@ test: setup system-deps
 test-unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-demo: setup kafka-up
+demo: setup
 	deploy/demo
 
 lint: setup

@@ -17,7 +17,8 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 from aiokafka.structs import TopicPartition
 
@@ -29,7 +30,7 @@ from streamer.kafka.publisher import Publisher, PublisherClosed
 from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher, BatchInfo
-from streamer.pipeline.processor import Classified, ProcessorConfig, RecordProcessor, Record
+from streamer.pipeline.processor import Classified, ProcessorConfig, Record, RecordProcessor
 from streamer.schemas import ModelInfo
 from streamer.workers import decode_worker, inference_worker
 from streamer.workers.decode import DecodeLimits
@@ -103,44 +104,75 @@ class Service:
         self.state = State.RUNNING
         self._ready = True
         self.metrics.ready.set(1)
-        log.info("service running input=%s output=%s dlq=%s group=%s devices=%s",
-                 s.input_topic, s.output_topic, s.dlq_topic, s.group_id, self._devices)
+        log.info(
+            "service running input=%s output=%s dlq=%s group=%s devices=%s",
+            s.input_topic,
+            s.output_topic,
+            s.dlq_topic,
+            s.group_id,
+            self._devices,
+        )
 
     async def _start_components(self, s: Settings) -> None:
         layout = self._slots.layout
         limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
         threads = s.inference_threads or max(1, os.cpu_count() or 1)
         self.decoders = WorkerPool(
-            "decode", s.decode_workers, decode_worker.main, lambda i: (layout, limits),
-            self.metrics, s.worker_start_timeout_s)
+            "decode",
+            s.decode_workers,
+            decode_worker.main,
+            lambda i: (layout, limits),
+            self.metrics,
+            s.worker_start_timeout_s,
+        )
         self.inference = WorkerPool(
-            "inference", len(self._devices), inference_worker.main,
-            lambda i: (layout, InferenceConfig(self._weights, self._devices[i], s.precision,
-                                               s.top_k, threads)),
-            self.metrics, s.worker_start_timeout_s)
+            "inference",
+            len(self._devices),
+            inference_worker.main,
+            lambda i: (
+                layout,
+                InferenceConfig(self._weights, self._devices[i], s.precision, s.top_k, threads),
+            ),
+            self.metrics,
+            s.worker_start_timeout_s,
+        )
         await asyncio.gather(self.decoders.start(), self.inference.start())
         info = self.inference.workers[0].ready_info
-        self.model_info = ModelInfo(name=MODEL_NAME, weights=info["weights"],
-                                    device=",".join(self._devices), precision=s.precision)
+        self.model_info = ModelInfo(
+            name=MODEL_NAME,
+            weights=info["weights"],
+            device=",".join(self._devices),
+            precision=s.precision,
+        )
         self.metrics.model.info(self.model_info.model_dump())
         self._batcher = Batcher(
-            self._run_batch, max_batch_size=s.max_batch_size,
+            self._run_batch,
+            max_batch_size=s.max_batch_size,
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self._devices),
-            on_dispatch=self._on_batch)
+            on_dispatch=self._on_batch,
+        )
         await self._batcher.start()
         self._publisher = Publisher(s, self.metrics)
         await self._publisher.start()
         self._processor = RecordProcessor(
-            ProcessorConfig(s.output_topic, s.dlq_topic, s.max_payload_bytes,
-                            s.max_record_attempts),
-            self._slots, self.decoders, self._batcher, self._publisher, self.metrics,
-            self.model_info, imagenet_labels())
+            ProcessorConfig(
+                s.output_topic, s.dlq_topic, s.max_payload_bytes, s.max_record_attempts
+            ),
+            self._slots,
+            self.decoders,
+            self._batcher,
+            self._publisher,
+            self.metrics,
+            self.model_info,
+            imagenet_labels(),
+        )
         self._intake = Intake(s, self._tracker, self.metrics, self._finish_revoked)
         await self._intake.start()
         if s.metrics_port or s.metrics_port == 0:
-            self._metrics_server = MetricsServer(s.metrics_host, s.metrics_port,
-                                                 self.metrics.registry, lambda: self._ready)
+            self._metrics_server = MetricsServer(
+                s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self._ready
+            )
             await self._metrics_server.start()
         await self.loop_lag.start()
         self.metrics.free_permits.set(s.max_in_flight)
@@ -155,7 +187,10 @@ class Service:
         """Start, serve until ``request_stop`` or a fatal error, then drain and stop."""
         await self.start()
         failures = [p.failed for p in (self.decoders, self.inference) if p and p.failed]
-        waiters = [asyncio.ensure_future(self._stop_requested.wait()), *failures]
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self._stop_requested.wait()),
+            *failures,
+        ]
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -184,11 +219,16 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._in_flight:
-            log.info("draining in_flight=%d timeout_s=%.1f", len(self._in_flight), s.drain_timeout_s)
-            _, pending = await asyncio.wait(list(self._in_flight), timeout=s.drain_timeout_s or None)
+            log.info(
+                "draining in_flight=%d timeout_s=%.1f", len(self._in_flight), s.drain_timeout_s
+            )
+            _, pending = await asyncio.wait(
+                list(self._in_flight), timeout=s.drain_timeout_s or None
+            )
             if pending:
-                log.warning("drain deadline passed; abandoning %d records (left uncommitted)",
-                            len(pending))
+                log.warning(
+                    "drain deadline passed; abandoning %d records (left uncommitted)", len(pending)
+                )
                 if self._publisher is not None:
                     self._publisher.close_for_sends()
                 for task in pending:
@@ -196,17 +236,17 @@ class Service:
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._intake is not None:
             if self._intake.started:
-                await self._intake.commit()
-            await self._intake.stop()
+                await _teardown("final commit", self._intake.commit())
+            await _teardown("consumer", self._intake.stop())
         if self._publisher is not None:
-            await self._publisher.stop()
+            await _teardown("producer", self._publisher.stop())
         if self._batcher is not None:
-            await self._batcher.stop()
+            await _teardown("batcher", self._batcher.stop())
         for pool in (self.inference, self.decoders):
             if pool is not None:
-                await pool.stop()
+                await _teardown(f"{pool.kind} workers", pool.stop())
         if self._metrics_server is not None:
-            await self._metrics_server.stop()
+            await _teardown("metrics server", self._metrics_server.stop())
         await self.loop_lag.stop()
         self._slots.close()
         self.state = State.STOPPED
@@ -240,21 +280,27 @@ class Service:
             ticket = self._tracker.start(tp, record.offset)
             task = asyncio.create_task(
                 self._handle(record, ticket, fetched_at, time.perf_counter() - fetched_at),
-                name=f"record-{record.topic}-{record.partition}-{record.offset}")
+                name=f"record-{record.topic}-{record.partition}-{record.offset}",
+            )
             self._in_flight[task] = tp
             self._update_permit_gauges()
 
-    async def _handle(self, record: Record, ticket: object, fetched_at: float,
-                      permit_wait_s: float) -> None:
+    async def _handle(
+        self, record: Record, ticket: object, fetched_at: float, permit_wait_s: float
+    ) -> None:
         assert self._processor is not None
         try:
             await self._processor.process(record, fetched_at, permit_wait_s)
             self._tracker.done(ticket)  # type: ignore[arg-type]
         except (PublisherClosed, asyncio.CancelledError):
             pass  # shutting down: stays uncommitted, processed again after restart
-        except Exception as exc:  # noqa: BLE001 - not a record error: the service is broken
-            log.exception("record failed unexpectedly topic=%s partition=%d offset=%d",
-                          record.topic, record.partition, record.offset)
+        except Exception as exc:
+            log.exception(
+                "record failed unexpectedly topic=%s partition=%d offset=%d",
+                record.topic,
+                record.partition,
+                record.offset,
+            )
             self._fail(exc)
         finally:
             self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
@@ -267,6 +313,7 @@ class Service:
         while True:
             await asyncio.sleep(interval)
             await self._intake.commit()
+            self._intake.update_lag()  # also when nothing moved: a stall must show as lag
 
     async def _finish_revoked(self, revoked: set[TopicPartition]) -> None:
         """Give in-flight records of revoked partitions a deadline to be acked."""
@@ -279,8 +326,10 @@ class Service:
         dispatched_at = time.perf_counter()
         result: BatchResult = await self.inference.submit(list(slots))
         n = len(slots)
-        return [Classified(i, s, n, result.forward_s, dispatched_at)
-                for i, s in zip(result.indices, result.scores)]
+        return [
+            Classified(i, s, n, result.forward_s, dispatched_at)
+            for i, s in zip(result.indices, result.scores, strict=False)
+        ]
 
     def _on_batch(self, info: BatchInfo) -> None:
         self.metrics.batch_size.observe(info.size)
@@ -300,3 +349,16 @@ class Service:
         if self._fatal is None:
             self._fatal = exc
         self._stop_requested.set()
+
+
+async def _teardown(what: str, step: Awaitable[None]) -> None:
+    """Run one shutdown step; a failing step is logged and the next ones still run."""
+    try:
+        await step
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves: do not swallow it
+        log.warning("shutdown step was cancelled step=%s", what)
+    except Exception:
+        log.exception("shutdown step failed step=%s", what)

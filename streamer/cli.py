@@ -50,8 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         help_text = RUN_HELP.get(name, field.description or "")
         default = field.get_default(call_default_factory=True)
-        run.add_argument(flag, dest=name, default=None,
-                         help=f"{help_text} (env STREAMER_{name.upper()}, default {default!r})")
+        run.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            help=f"{help_text} (env STREAMER_{name.upper()}, default {default!r})",
+        )
     run.set_defaults(func=_run)
 
     from streamer.tools import admin, consume, produce, samples  # light: no torch import
@@ -63,12 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given: dict[str, Any] = {}
-    for name, field in Settings.model_fields.items():
+    for name, _field in Settings.model_fields.items():
         value = getattr(args, name, None)
         if value is None:
             continue
-        if name == "allowed_formats":
-            value = tuple(v.strip().upper() for v in value.split(",") if v.strip())
         given[name] = value
     return Settings(**given)
 

@@ -8,10 +8,10 @@ e.g. ``STREAMER_MAX_BATCH_SIZE=64``; command-line flags win over the environment
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PIXELS_PER_SLOT = 3 * 224 * 224
 
@@ -54,8 +54,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(10.0, ge=0)
     decode_workers: int = Field(default_factory=default_decode_workers, ge=1)
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=1)
-    allowed_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    max_image_pixels: int = Field(40_000_000, ge=262_144)  # resizing alone needs 256x256
+    # NoDecode: the environment gives "JPEG,PNG", not JSON.
+    allowed_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "PNG", "WEBP")
 
     # Reliability
     max_record_attempts: int = Field(3, ge=1)
@@ -66,6 +67,15 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9108, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _split_formats(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(str(v).strip().upper() for v in value if str(v).strip())
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -16,8 +16,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "horse", "motorcycle_left",
-          "hubble_deep_field", "retina", "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "camera",
+    "horse",
+    "motorcycle_left",
+    "hubble_deep_field",
+    "retina",
+    "immunohistochemistry",
+)
 FORMATS = ("JPEG", "PNG", "WEBP")
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -34,7 +44,9 @@ def photos() -> list[Image.Image]:
     try:
         from skimage import data
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError("sample photos need scikit-image: pip install 'streamer[samples]'") from exc
+        raise RuntimeError(
+            "sample photos need scikit-image: pip install 'streamer[samples]'"
+        ) from exc
     images = []
     for name in PHOTOS:
         loader = getattr(data, name, None)
@@ -42,10 +54,14 @@ def photos() -> list[Image.Image]:
             continue
         try:
             array = loader()
-        except Exception:  # noqa: BLE001 - some loaders need a download; skip those
+        except Exception:
             continue
         if array.dtype != np.uint8:
-            array = (np.clip(array, 0, 1) * 255).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
+            array = (
+                (np.clip(array, 0, 1) * 255).astype(np.uint8)
+                if array.dtype.kind == "f"
+                else array.astype(np.uint8)
+            )
         images.append(Image.fromarray(array))
     return images
 
@@ -54,7 +70,8 @@ def encode(image: Image.Image, fmt: str, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
     image.convert("RGB" if fmt == "JPEG" and image.mode not in ("L", "RGB") else image.mode).save(
-        buffer, fmt, **options)
+        buffer, fmt, **options
+    )
     return buffer.getvalue()
 
 
@@ -69,8 +86,12 @@ def synthetic(seed: int, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def generate(count: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((500, 375), (224, 224)),
-             formats: tuple[str, ...] = FORMATS) -> Iterator[Sample]:
+def generate(
+    count: int,
+    seed: int = 0,
+    sizes: tuple[tuple[int, int], ...] = ((500, 375), (224, 224)),
+    formats: tuple[str, ...] = FORMATS,
+) -> Iterator[Sample]:
     """``count`` samples: resized real photos first, then synthetic images."""
     rng = np.random.default_rng(seed)
     sources = photos()
@@ -83,9 +104,13 @@ def generate(count: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = ((5
             w, h = image.size
             cw, ch = int(w * rng.uniform(0.7, 1.0)), int(h * rng.uniform(0.7, 1.0))
             left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            image = image.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BILINEAR)
+            image = image.crop((left, top, left + cw, top + ch)).resize(
+                size, Image.Resampling.BILINEAR
+            )
             kind = "photo"
         else:
             image = synthetic(seed * 100_003 + i, size)
             kind = "synthetic"
-        yield Sample(f"{i:04d}-{kind}-{size[0]}x{size[1]}.{EXTENSIONS[fmt]}", encode(image, fmt), fmt)
+        yield Sample(
+            f"{i:04d}-{kind}-{size[0]}x{size[1]}.{EXTENSIONS[fmt]}", encode(image, fmt), fmt
+        )

@@ -19,8 +19,9 @@ MAX_REQUEST_LINE = 8192
 
 
 class MetricsServer:
-    def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+    ) -> None:
         self._host = host
         self._port = port
         self._registry = registry
@@ -36,7 +37,8 @@ class MetricsServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._handle, self._host, self._port, limit=MAX_REQUEST_LINE)
+            self._handle, self._host, self._port, limit=MAX_REQUEST_LINE
+        )
         log.info("metrics server listening host=%s port=%d", self._host, self.port)
 
     async def stop(self) -> None:
@@ -55,7 +57,9 @@ class MetricsServer:
             status, content_type, body = self._route(method, path)
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
             pass

@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 
 class LoopLagMonitor:
-    def __init__(self, interval_s: float = 0.05,
-                 observe: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self, interval_s: float = 0.05, observe: Callable[[float], None] | None = None
+    ) -> None:
         self._interval_s = interval_s
         self._observe = observe
         self._task: asyncio.Task[None] | None = None

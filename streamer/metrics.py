@@ -14,20 +14,34 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 # Buckets for per-stage latencies: 0.5 ms .. 60 s.
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 STAGES = (
-    "kafka",        # record timestamp -> fetched by the consumer
+    "kafka",  # record timestamp -> fetched by the consumer
     "permit_wait",  # fetched -> in-flight permit acquired
-    "decode",       # decode + preprocess in a decode worker
-    "batch_wait",   # decoded -> its batch starts on the inference worker
-    "inference",    # forward pass of the batch the record was in
-    "produce",      # output (or dead letter) sent -> acked by the broker
-    "end_to_end",   # record timestamp -> output acked
+    "decode",  # decode + preprocess in a decode worker
+    "batch_wait",  # decoded -> its batch starts on the inference worker
+    "inference",  # forward pass of the batch the record was in
+    "produce",  # output (or dead letter) sent -> acked by the broker
+    "end_to_end",  # record timestamp -> output acked
 )
 
 
@@ -38,58 +52,105 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.records_consumed = Counter(
-            "streamer_records_consumed_total", "Records fetched from the input topic.",
-            ["topic"], registry=r)
+            "streamer_records_consumed_total",
+            "Records fetched from the input topic.",
+            ["topic"],
+            registry=r,
+        )
         self.records_predicted = Counter(
-            "streamer_records_predicted_total", "Predictions acked on the output topic.",
-            ["topic"], registry=r)
+            "streamer_records_predicted_total",
+            "Predictions acked on the output topic.",
+            ["topic"],
+            registry=r,
+        )
         self.records_dead_lettered = Counter(
-            "streamer_records_dead_lettered_total", "Dead letters acked, by reason code.",
-            ["topic", "reason"], registry=r)
+            "streamer_records_dead_lettered_total",
+            "Dead letters acked, by reason code.",
+            ["topic", "reason"],
+            registry=r,
+        )
         self.record_retries = Counter(
-            "streamer_record_retries_total", "Records retried after a retriable failure.",
-            ["stage"], registry=r)
+            "streamer_record_retries_total",
+            "Records retried after a retriable failure.",
+            ["stage"],
+            registry=r,
+        )
+        for stage in ("decode", "inference"):
+            self.record_retries.labels(stage)
         self.produce_errors = Counter(
-            "streamer_produce_errors_total", "Failed output or dead-letter writes (retried).",
-            ["topic"], registry=r)
+            "streamer_produce_errors_total",
+            "Failed output or dead-letter writes (retried).",
+            ["topic"],
+            registry=r,
+        )
         self.commits = Counter(
-            "streamer_offset_commits_total", "Offset commits, by result.", ["result"], registry=r)
+            "streamer_offset_commits_total", "Offset commits, by result.", ["result"], registry=r
+        )
         self.stage_seconds = Histogram(
-            "streamer_stage_seconds", "Time a record spends in each stage.",
-            ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+            "streamer_stage_seconds",
+            "Time a record spends in each stage.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "streamer_batch_size", "Records per inference batch.",
-            buckets=BATCH_SIZE_BUCKETS, registry=r)
+            "streamer_batch_size",
+            "Records per inference batch.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=r,
+        )
         self.batch_fill_wait = Histogram(
             "streamer_batch_fill_seconds",
             "Time from a batch's first record to the batch being dispatched.",
-            buckets=LATENCY_BUCKETS, registry=r)
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
-            "streamer_in_flight_records", "Records holding an in-flight permit.", registry=r)
+            "streamer_in_flight_records", "Records holding an in-flight permit.", registry=r
+        )
         self.free_permits = Gauge(
-            "streamer_free_permits", "In-flight permits available.", registry=r)
+            "streamer_free_permits", "In-flight permits available.", registry=r
+        )
         self.paused = Gauge(
-            "streamer_consumer_paused", "1 while the consumer is paused for backpressure.",
-            registry=r)
+            "streamer_consumer_paused",
+            "1 while the consumer is paused for backpressure.",
+            registry=r,
+        )
         self.consumer_lag = Gauge(
-            "streamer_consumer_lag_records", "High watermark minus committed offset.",
-            ["topic", "partition"], registry=r)
+            "streamer_consumer_lag_records",
+            "High watermark minus committed offset.",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.committed_offset = Gauge(
-            "streamer_committed_offset", "Last committed offset per partition.",
-            ["topic", "partition"], registry=r)
+            "streamer_committed_offset",
+            "Last committed offset per partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
         self.worker_restarts = Counter(
-            "streamer_worker_restarts_total", "Worker processes respawned after dying.",
-            ["kind"], registry=r)
+            "streamer_worker_restarts_total",
+            "Worker processes respawned after dying.",
+            ["kind"],
+            registry=r,
+        )
         self.workers_alive = Gauge(
-            "streamer_workers_alive", "Worker processes alive, by kind.", ["kind"], registry=r)
+            "streamer_workers_alive", "Worker processes alive, by kind.", ["kind"], registry=r
+        )
         self.loop_lag = Histogram(
-            "streamer_event_loop_lag_seconds", "How late the event loop runs a scheduled wakeup.",
-            buckets=LOOP_LAG_BUCKETS, registry=r)
+            "streamer_event_loop_lag_seconds",
+            "How late the event loop runs a scheduled wakeup.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.shm_bytes = Gauge(
-            "streamer_shared_memory_bytes", "Shared memory reserved for slots.", registry=r)
+            "streamer_shared_memory_bytes", "Shared memory reserved for slots.", registry=r
+        )
         self.ready = Gauge(
-            "streamer_ready", "1 when connected to Kafka with the model loaded and warm.",
-            registry=r)
+            "streamer_ready",
+            "1 when connected to Kafka with the model loaded and warm.",
+            registry=r,
+        )
         self.model = Info("streamer_model", "The model being served.", registry=r)
 
     def observe_stage(self, stage: str, seconds: float) -> None:

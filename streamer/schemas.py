@@ -28,8 +28,16 @@ DLQ_SOURCE_TOPIC = "streamer-source-topic"
 DLQ_SOURCE_PARTITION = "streamer-source-partition"
 DLQ_SOURCE_OFFSET = "streamer-source-offset"
 DLQ_SOURCE_TIMESTAMP = "streamer-source-timestamp"
-DLQ_HEADERS = (DLQ_STAGE, DLQ_REASON, DLQ_CLASS, DLQ_MESSAGE,
-               DLQ_SOURCE_TOPIC, DLQ_SOURCE_PARTITION, DLQ_SOURCE_OFFSET, DLQ_SOURCE_TIMESTAMP)
+DLQ_HEADERS = (
+    DLQ_STAGE,
+    DLQ_REASON,
+    DLQ_CLASS,
+    DLQ_MESSAGE,
+    DLQ_SOURCE_TOPIC,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_OFFSET,
+    DLQ_SOURCE_TIMESTAMP,
+)
 MAX_ERROR_MESSAGE_CHARS = 1000
 
 Headers = list[tuple[str, bytes]]
@@ -62,12 +70,12 @@ class Label(_Frozen):
 class Timings(_Frozen):
     """Milliseconds spent in each stage by this record."""
 
-    kafka_ms: float        # record timestamp -> fetched
+    kafka_ms: float  # record timestamp -> fetched
     permit_wait_ms: float
     decode_ms: float
     batch_wait_ms: float
-    inference_ms: float    # the whole batch's forward pass
-    total_ms: float        # record timestamp -> prediction ready to send
+    inference_ms: float  # the whole batch's forward pass
+    total_ms: float  # record timestamp -> prediction ready to send
 
 
 class Prediction(_Frozen):

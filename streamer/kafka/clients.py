@@ -18,11 +18,12 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         options["ssl_context"] = create_ssl_context(
-            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile,
-            keyfile=settings.ssl_keyfile)
+            cafile=settings.ssl_cafile, certfile=settings.ssl_certfile, keyfile=settings.ssl_keyfile
+        )
     if settings.sasl_mechanism:
         options["sasl_mechanism"] = settings.sasl_mechanism
         options["sasl_plain_username"] = settings.sasl_username
         options["sasl_plain_password"] = (
-            settings.sasl_password.get_secret_value() if settings.sasl_password else None)
+            settings.sasl_password.get_secret_value() if settings.sasl_password else None
+        )
     return options

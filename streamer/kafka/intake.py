@@ -16,6 +16,7 @@ at-least-once hold, for every record:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -34,8 +35,9 @@ RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
 class Intake:
-    def __init__(self, settings: Settings, tracker: OffsetTracker, metrics: Metrics,
-                 on_revoke: RevokeHook) -> None:
+    def __init__(
+        self, settings: Settings, tracker: OffsetTracker, metrics: Metrics, on_revoke: RevokeHook
+    ) -> None:
         self._settings = settings
         self._tracker = tracker
         self._metrics = metrics
@@ -88,10 +90,9 @@ class Intake:
 
     def resume(self) -> None:
         partitions = self.consumer.assignment()
-        try:
+        # The assignment may have changed meanwhile; a new one starts unpaused.
+        with contextlib.suppress(IllegalStateError):
             self.consumer.resume(*partitions)
-        except IllegalStateError:  # assignment changed meanwhile; the new one is unpaused
-            pass
         self._metrics.paused.set(0)
 
     def stop_fetching(self) -> None:
@@ -121,7 +122,6 @@ class Intake:
         for tp, offset in offsets.items():
             self._metrics.committed_offset.labels(tp.topic, str(tp.partition)).set(offset)
             log.debug("committed topic=%s partition=%d offset=%d", tp.topic, tp.partition, offset)
-        self.update_lag()
 
     def update_lag(self) -> None:
         consumer = self.consumer
@@ -130,7 +130,8 @@ class Intake:
             committed = self._tracker.committed(tp)
             if highwater is not None and committed is not None:
                 self._metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
-                    max(0, highwater - committed))
+                    max(0, highwater - committed)
+                )
 
     async def stop(self) -> None:
         """Leave the group and close; safe to call twice."""
@@ -149,10 +150,8 @@ class Intake:
         self._tracker.forget(revoked)
         for tp in revoked:
             for gauge in (self._metrics.consumer_lag, self._metrics.committed_offset):
-                try:
+                with contextlib.suppress(KeyError):
                     gauge.remove(tp.topic, str(tp.partition))
-                except KeyError:
-                    pass
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -160,7 +159,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._intake = intake
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._intake._revoked(set(revoked))  # noqa: SLF001
+        await self._intake._revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))

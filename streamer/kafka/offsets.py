@@ -23,8 +23,8 @@ from aiokafka.structs import TopicPartition
 class _PartitionState:
     started: deque[int] = field(default_factory=deque)
     done: set[int] = field(default_factory=set)
-    next_commit: int | None = None    # offset to commit: everything below is done
-    committed: int | None = None      # last offset committed to Kafka
+    next_commit: int | None = None  # offset to commit: everything below is done
+    committed: int | None = None  # last offset committed to Kafka
 
 
 @dataclass(frozen=True)

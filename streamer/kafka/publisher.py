@@ -11,6 +11,7 @@ processed again after a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiokafka import AIOKafkaProducer
@@ -37,6 +38,8 @@ class Publisher:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._closing = asyncio.Event()
+        for topic in (settings.output_topic, settings.dlq_topic):
+            metrics.produce_errors.labels(topic)  # exported as 0 from the start
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -50,8 +53,9 @@ class Publisher:
         await self._producer.start()
         log.info("producer started")
 
-    async def send(self, topic: str, value: bytes | None, key: bytes | None,
-                   headers: Headers) -> RecordMetadata:
+    async def send(
+        self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
+    ) -> RecordMetadata:
         """Send and wait for the ack, retrying until acked or the publisher closes.
 
         ``MessageSizeTooLargeError`` is raised at once: retrying cannot fix it.
@@ -68,12 +72,15 @@ class Publisher:
                 self._metrics.produce_errors.labels(topic).inc()
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
                 attempt += 1
-                log.warning("send failed topic=%s attempt=%d retry_in_s=%.1f error=%r",
-                            topic, attempt, delay, exc)
-                try:
+                log.warning(
+                    "send failed topic=%s attempt=%d retry_in_s=%.1f error=%r",
+                    topic,
+                    attempt,
+                    delay,
+                    exc,
+                )
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closing.wait(), delay)
-                except TimeoutError:
-                    pass
 
     def close_for_sends(self) -> None:
         """Stop retrying: pending and future sends fail with ``PublisherClosed``."""

@@ -38,10 +38,15 @@ class BatchInfo:
 
 
 class Batcher(Generic[T, R]):
-    def __init__(self, run_batch: Callable[[Sequence[T]], Awaitable[Sequence[R]]], *,
-                 max_batch_size: int, max_batch_delay_ms: float,
-                 max_concurrent_batches: int = 1,
-                 on_dispatch: Callable[[BatchInfo], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_batch: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int,
+        max_batch_delay_ms: float,
+        max_concurrent_batches: int = 1,
+        on_dispatch: Callable[[BatchInfo], None] | None = None,
+    ) -> None:
         if max_batch_size < 1 or max_concurrent_batches < 1:
             raise ValueError("batch size and concurrency must be at least 1")
         self._run_batch = run_batch
@@ -125,12 +130,12 @@ class Batcher(Generic[T, R]):
             results = await self._run_batch([item.value for item in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} returned {len(results)} results")
-        except Exception as exc:  # noqa: BLE001 - every item of this batch gets the error
+        except Exception as exc:
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(exc)
         else:
-            for item, result in zip(batch, results):
+            for item, result in zip(batch, results, strict=False):
                 if not item.future.done():
                     item.future.set_result(result)
         finally:

@@ -16,28 +16,47 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
 from aiokafka.errors import MessageSizeTooLargeError
 
 from streamer.errors import (
-    PayloadTooLarge, RecordError, RetriesExhausted, StreamerError, WorkerCrashed,
+    PayloadTooLarge,
+    RecordError,
+    RetriesExhausted,
+    StreamerError,
+    WorkerCrashed,
 )
 from streamer.kafka.publisher import Publisher
 from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher
 from streamer.schemas import (
-    DLQ_CLASS, DLQ_MESSAGE, DLQ_REASON, DLQ_SOURCE_OFFSET, DLQ_SOURCE_PARTITION,
-    DLQ_SOURCE_TIMESTAMP, DLQ_SOURCE_TOPIC, DLQ_STAGE, HEADER_CONTENT_TYPE,
-    MAX_ERROR_MESSAGE_CHARS, PASSTHROUGH_HEADERS, Headers, Label, ModelInfo, Prediction, Source,
-    Timings, record_id,
+    DLQ_CLASS,
+    DLQ_MESSAGE,
+    DLQ_REASON,
+    DLQ_SOURCE_OFFSET,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_TIMESTAMP,
+    DLQ_SOURCE_TOPIC,
+    DLQ_STAGE,
+    HEADER_CONTENT_TYPE,
+    MAX_ERROR_MESSAGE_CHARS,
+    PASSTHROUGH_HEADERS,
+    Headers,
+    Label,
+    ModelInfo,
+    Prediction,
+    Source,
+    Timings,
+    record_id,
 )
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool
 
 log = logging.getLogger(__name__)
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 @dataclass(frozen=True)
@@ -60,9 +79,17 @@ class ProcessorConfig:
 
 
 class RecordProcessor:
-    def __init__(self, config: ProcessorConfig, slots: SlotPool, decoders: WorkerPool,
-                 batcher: Batcher[int, Classified], publisher: Publisher, metrics: Metrics,
-                 model: ModelInfo, labels: list[str]) -> None:
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        slots: SlotPool,
+        decoders: WorkerPool,
+        batcher: Batcher[int, Classified],
+        publisher: Publisher,
+        metrics: Metrics,
+        model: ModelInfo,
+        labels: list[str],
+    ) -> None:
         self._config = config
         self._slots = slots
         self._decoders = decoders
@@ -82,12 +109,14 @@ class RecordProcessor:
         await self._publish(record, prediction)
         return "prediction"
 
-    async def _classify(self, record: Record, fetched_at: float,
-                        permit_wait_s: float) -> Prediction:
+    async def _classify(
+        self, record: Record, fetched_at: float, permit_wait_s: float
+    ) -> Prediction:
         payload = record.value or b""
         if len(payload) > self._config.max_payload_bytes:
             raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes exceeds {self._config.max_payload_bytes}")
+                f"payload of {len(payload)} bytes exceeds {self._config.max_payload_bytes}"
+            )
         slot = self._slots.acquire()
         try:
             length = self._slots.write_payload(slot, payload)
@@ -106,11 +135,18 @@ class RecordProcessor:
                         raise
                     stage = "decode" if decode_s is None else "inference"
                     self._metrics.record_retries.labels(stage).inc()
-                    log.warning("retrying topic=%s partition=%d offset=%d attempt=%d error=%s",
-                                record.topic, record.partition, record.offset, attempt, exc)
+                    log.warning(
+                        "retrying topic=%s partition=%d offset=%d attempt=%d error=%s",
+                        record.topic,
+                        record.partition,
+                        record.offset,
+                        attempt,
+                        exc,
+                    )
                     if attempt == self._config.max_record_attempts:
                         raise RetriesExhausted(
-                            f"gave up after {attempt} attempts: {exc}", reason=_crash_reason(exc),
+                            f"gave up after {attempt} attempts: {exc}",
+                            reason=_crash_reason(exc),
                         ) from exc
         finally:
             self._slots.release(slot)
@@ -119,10 +155,13 @@ class RecordProcessor:
         kafka_s = max(0.0, time.time() - record.timestamp / 1000.0 - (now - fetched_at))
         batch_wait_s = max(0.0, result.dispatched_at - decoded_at)
         timings = Timings(
-            kafka_ms=kafka_s * 1000, permit_wait_ms=permit_wait_s * 1000,
-            decode_ms=decode_s * 1000, batch_wait_ms=batch_wait_s * 1000,
+            kafka_ms=kafka_s * 1000,
+            permit_wait_ms=permit_wait_s * 1000,
+            decode_ms=decode_s * 1000,
+            batch_wait_ms=batch_wait_s * 1000,
             inference_ms=result.forward_s * 1000,
-            total_ms=(kafka_s + now - fetched_at) * 1000)
+            total_ms=(kafka_s + now - fetched_at) * 1000,
+        )
         m = self._metrics
         m.observe_stage("kafka", kafka_s)
         m.observe_stage("permit_wait", permit_wait_s)
@@ -131,11 +170,17 @@ class RecordProcessor:
         m.observe_stage("inference", result.forward_s)
         return Prediction(
             id=record_id(record.headers, record.topic, record.partition, record.offset),
-            source=Source(topic=record.topic, partition=record.partition, offset=record.offset,
-                          timestamp=record.timestamp),
+            source=Source(
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                timestamp=record.timestamp,
+            ),
             model=self._model,
-            top_k=[Label(index=i, label=self._labels[i], score=s)
-                   for i, s in zip(result.indices, result.scores)],
+            top_k=[
+                Label(index=i, label=self._labels[i], score=s)
+                for i, s in zip(result.indices, result.scores, strict=False)
+            ],
             batch_size=result.batch_size,
             timings=timings,
         )
@@ -144,15 +189,23 @@ class RecordProcessor:
         headers: Headers = [(HEADER_CONTENT_TYPE, b"application/json")]
         headers += [(k, v) for k, v in record.headers or () if k in PASSTHROUGH_HEADERS]
         sent = time.perf_counter()
-        await self._publisher.send(self._config.output_topic,
-                                   prediction.model_dump_json().encode(), record.key, headers)
+        await self._publisher.send(
+            self._config.output_topic, prediction.model_dump_json().encode(), record.key, headers
+        )
         self._metrics.observe_stage("produce", time.perf_counter() - sent)
         self._metrics.observe_stage("end_to_end", time.time() - record.timestamp / 1000.0)
         self._metrics.records_predicted.labels(self._config.output_topic).inc()
 
     async def _dead_letter(self, record: Record, error: RecordError) -> None:
-        log.info("dead letter topic=%s partition=%d offset=%d stage=%s reason=%s error=%s",
-                 record.topic, record.partition, record.offset, error.stage, error.reason, error)
+        log.info(
+            "dead letter topic=%s partition=%d offset=%d stage=%s reason=%s error=%s",
+            record.topic,
+            record.partition,
+            record.offset,
+            error.stage,
+            error.reason,
+            error,
+        )
         headers = list(record.headers or ()) + dead_letter_headers(record, error)
         sent = time.perf_counter()
         try:

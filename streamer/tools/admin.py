@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -15,15 +16,19 @@ from streamer.tools.common import add_connection_flags, client_options, tool_set
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser("create-topics", help="create the service's topics if missing")
     add_connection_flags(parser)
-    parser.add_argument("topics", nargs="*",
-                        help="topic names (default: the configured input, output and DLQ topics)")
+    parser.add_argument(
+        "topics",
+        nargs="*",
+        help="topic names (default: the configured input, output and DLQ topics)",
+    )
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--replication-factor", type=int, default=1)
     parser.set_defaults(func=_main)
 
 
-async def create_topics(options: dict[str, Any], names: list[str], partitions: int,
-                        replication_factor: int = 1) -> list[str]:
+async def create_topics(
+    options: dict[str, Any], names: list[str], partitions: int, replication_factor: int = 1
+) -> list[str]:
     """Create each missing topic; return those that were created."""
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
@@ -31,11 +36,10 @@ async def create_topics(options: dict[str, Any], names: list[str], partitions: i
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         if missing:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(n, partitions, replication_factor) for n in missing])
-            except TopicAlreadyExistsError:
-                pass
+                    [NewTopic(n, partitions, replication_factor) for n in missing]
+                )
         return missing
     finally:
         await admin.close()
@@ -44,8 +48,9 @@ async def create_topics(options: dict[str, Any], names: list[str], partitions: i
 def _main(args: argparse.Namespace) -> int:
     s = tool_settings(args)
     names = args.topics or [s.input_topic, s.output_topic, s.dlq_topic]
-    created = asyncio.run(create_topics(client_options(args), names, args.partitions,
-                                        args.replication_factor))
+    created = asyncio.run(
+        create_topics(client_options(args), names, args.partitions, args.replication_factor)
+    )
     for name in names:
         print(f"{name}: {'created' if name in created else 'exists'}")
     return 0

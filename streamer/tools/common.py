@@ -11,8 +11,11 @@ from streamer.kafka.clients import connection_options
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap-servers", default=None,
-                        help="Kafka bootstrap servers (env STREAMER_BOOTSTRAP_SERVERS)")
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="Kafka bootstrap servers (env STREAMER_BOOTSTRAP_SERVERS)",
+    )
 
 
 def tool_settings(args: argparse.Namespace) -> Settings:

@@ -25,18 +25,31 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("-n", "--max-records", type=int, default=None, help="stop after N records")
     parser.add_argument("--follow", action="store_true", help="keep waiting for new records")
     parser.add_argument("--format", choices=("json", "table"), default="table")
-    parser.add_argument("--timeout-s", type=float, default=60.0,
-                        help="with -n: give up after this long without reaching N")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=60.0,
+        help="with -n: give up after this long without reaching N",
+    )
     parser.set_defaults(func=_main)
 
 
-async def read_records(options: dict[str, Any], topic: str, max_records: int | None = None,
-                       follow: bool = False, timeout_s: float = 60.0,
-                       isolation_level: str = "read_uncommitted",
-                       ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
-    consumer = AIOKafkaConsumer(topic, group_id=None, enable_auto_commit=False,
-                                auto_offset_reset="earliest", isolation_level=isolation_level,
-                                **options)
+async def read_records(
+    options: dict[str, Any],
+    topic: str,
+    max_records: int | None = None,
+    follow: bool = False,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
+) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level=isolation_level,
+        **options,
+    )
     await consumer.start()
     try:
         partitions = consumer.assignment()
@@ -83,17 +96,26 @@ async def _consume(args: argparse.Namespace) -> int:
     topic = args.topic or tool_settings(args).output_topic
     if args.format == "table":
         print(f"{'id':<36}  {'batch':>5}  top-3")
-    async for record in read_records(client_options(args), topic, args.max_records,
-                                     args.follow, args.timeout_s):
+    async for record in read_records(
+        client_options(args), topic, args.max_records, args.follow, args.timeout_s
+    ):
         if args.format == "json":
             value = (record.value or b"").decode(errors="replace")
             try:
                 print(json.dumps(json.loads(value)))
             except ValueError:
-                print(json.dumps({"topic": record.topic, "partition": record.partition,
-                                  "offset": record.offset,
-                                  "headers": {k: v.decode(errors="replace")
-                                              for k, v in record.headers or ()}}))
+                print(
+                    json.dumps(
+                        {
+                            "topic": record.topic,
+                            "partition": record.partition,
+                            "offset": record.offset,
+                            "headers": {
+                                k: v.decode(errors="replace") for k, v in record.headers or ()
+                            },
+                        }
+                    )
+                )
         else:
             print(format_table_row(record))
         sys.stdout.flush()

@@ -52,21 +52,32 @@ def expand(paths: Iterable[str]) -> list[Path]:
 def image_headers(path: Path) -> Headers:
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     traceparent = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
-    return [(HEADER_CONTENT_TYPE, content_type.encode()),
-            (HEADER_ID, str(uuid.uuid4()).encode()),
-            (HEADER_TRACEPARENT, traceparent.encode())]
+    return [
+        (HEADER_CONTENT_TYPE, content_type.encode()),
+        (HEADER_ID, str(uuid.uuid4()).encode()),
+        (HEADER_TRACEPARENT, traceparent.encode()),
+    ]
 
 
-async def produce_files(options: dict[str, Any], topic: str, files: list[Path],
-                        progress: bool = True) -> int:
-    producer = AIOKafkaProducer(acks="all", enable_idempotence=True, linger_ms=5,
-                                max_request_size=64 * 1024 * 1024, **options)
+async def produce_files(
+    options: dict[str, Any], topic: str, files: list[Path], progress: bool = True
+) -> int:
+    producer = AIOKafkaProducer(
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_request_size=64 * 1024 * 1024,
+        **options,
+    )
     await producer.start()
     try:
         pending = []
         for path in files:
-            pending.append(await producer.send(
-                topic, path.read_bytes(), key=path.name.encode(), headers=image_headers(path)))
+            pending.append(
+                await producer.send(
+                    topic, path.read_bytes(), key=path.name.encode(), headers=image_headers(path)
+                )
+            )
         for done, future in enumerate(pending, start=1):
             await future
             if progress:

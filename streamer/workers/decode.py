@@ -39,7 +39,8 @@ def open_image(payload: bytes | memoryview, limits: DecodeLimits) -> Image.Image
     if len(payload) > limits.max_payload_bytes:
         raise DecodeError(
             f"payload of {len(payload)} bytes exceeds {limits.max_payload_bytes}",
-            reason="payload-too-large")
+            reason="payload-too-large",
+        )
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below is stricter; Pillow's bomb warning is noise.
@@ -47,17 +48,28 @@ def open_image(payload: bytes | memoryview, limits: DecodeLimits) -> Image.Image
             image = Image.open(io.BytesIO(payload), formats=list(limits.allowed_formats))
     except UnidentifiedImageError as exc:
         reason = "unsupported-format" if _looks_like_other_image(payload) else "not-an-image"
-        raise DecodeError(
-            f"not a {'/'.join(limits.allowed_formats)} image", reason=reason) from exc
+        raise DecodeError(f"not a {'/'.join(limits.allowed_formats)} image", reason=reason) from exc
     except Image.DecompressionBombError as exc:
         raise DecodeError(str(exc), reason="too-many-pixels") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # A plugin failed while parsing headers: cut short or corrupt.
+        raise DecodeError(f"{type(exc).__name__}: {exc}", reason=_failure_reason(exc)) from exc
     width, height = image.size
     if width <= 0 or height <= 0:
         raise DecodeError(f"invalid dimensions {width}x{height}", reason="invalid-dimensions")
     if width * height > limits.max_image_pixels:
         raise DecodeError(
             f"{width}x{height} = {width * height} pixels exceeds {limits.max_image_pixels}",
-            reason="too-many-pixels")
+            reason="too-many-pixels",
+        )
+    resized_w, resized_h = resized_size(width, height)
+    if resized_w * resized_h > limits.max_image_pixels:
+        # A 1x100000 strip is small, but resizing its short side to 256 is not.
+        raise DecodeError(
+            f"{width}x{height} would be resized to {resized_w}x{resized_h}, over "
+            f"{limits.max_image_pixels} pixels",
+            reason="extreme-aspect-ratio",
+        )
     return image
 
 
@@ -77,24 +89,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     elif mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
-        # Composite transparent pixels on black, the same as a plain RGB convert.
+        # Composite on black: a plain RGB convert would drop alpha and show whatever
+        # colour hides under transparent pixels (often garbage in the encoder's output).
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (0, 0, 0, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def resize_and_crop(image: Image.Image) -> Image.Image:
-    """Shorter side to 256 (bilinear), then the centre 224x224, as torchvision does."""
-    width, height = image.size
+def resized_size(width: int, height: int) -> tuple[int, int]:
+    """Shorter side to 256, aspect kept, truncating like torchvision's resize."""
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = RESIZE, int(RESIZE * long / short)
-    size = (new_short, new_long) if width <= height else (new_long, new_short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_and_crop(image: Image.Image) -> Image.Image:
+    """Shorter side to 256 (bilinear), then the centre 224x224, as torchvision does."""
+    size = resized_size(*image.size)
     if size != image.size:
         image = image.resize(size, Image.Resampling.BILINEAR)
     width, height = image.size
-    top = int(round((height - CROP) / 2.0))
-    left = int(round((width - CROP) / 2.0))
+    top = round((height - CROP) / 2.0)
+    left = round((width - CROP) / 2.0)
     return image.crop((left, top, left + CROP, top + CROP))
 
 
@@ -108,8 +125,7 @@ def decode_into(payload: bytes | memoryview, out: np.ndarray, limits: DecodeLimi
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated and corrupt data as OSError/SyntaxError/ValueError.
-        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
-        raise DecodeError(f"{type(exc).__name__}: {exc}", reason=reason) from exc
+        raise DecodeError(f"{type(exc).__name__}: {exc}", reason=_failure_reason(exc)) from exc
     except Image.DecompressionBombError as exc:
         raise DecodeError(str(exc), reason="too-many-pixels") from exc
     finally:
@@ -122,6 +138,10 @@ def decode(payload: bytes | memoryview, limits: DecodeLimits | None = None) -> n
     out = np.empty((3, CROP, CROP), dtype=np.uint8)
     decode_into(payload, out, limits or DecodeLimits())
     return out
+
+
+def _failure_reason(exc: BaseException) -> str:
+    return "truncated" if "truncated" in str(exc).lower() else "corrupt"
 
 
 _OTHER_IMAGE_MAGIC = (b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"8BPS")

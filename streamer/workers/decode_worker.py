@@ -13,7 +13,9 @@ from streamer.workers.process import serve
 from streamer.workers.shm import SlotLayout, SlotView
 
 
-def main(requests: Connection, replies: Connection, layout: SlotLayout, limits: DecodeLimits) -> None:
+def main(
+    requests: Connection, replies: Connection, layout: SlotLayout, limits: DecodeLimits
+) -> None:
     # SIGINT goes to the whole process group on Ctrl-C; the owner decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     view = SlotView.attach(layout)

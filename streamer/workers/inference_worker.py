@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -28,10 +29,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass(frozen=True)
 class InferenceConfig:
     weights: WeightsSpec
-    device: str = "cpu"          # "cpu" or "cuda:N"
+    device: str = "cpu"  # "cpu" or "cuda:N"
     precision: str = "fp32"
     top_k: int = 5
-    threads: int | None = None   # CPU intra-op threads
+    threads: int | None = None  # CPU intra-op threads
     warmup_batch: int = 8
 
 
@@ -68,20 +69,41 @@ class Classifier:
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         logits = self.model(x).float()
         scores, indices = torch.softmax(logits, dim=1).topk(self.config.top_k, dim=1)
-        return BatchResult(indices.cpu().tolist(), scores.cpu().tolist(),
-                           time.perf_counter() - started)
+        return BatchResult(
+            indices.cpu().tolist(), scores.cpu().tolist(), time.perf_counter() - started
+        )
 
     def warm_up(self) -> None:
         self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
 
 
-def main(requests: Connection, replies: Connection, layout: SlotLayout, config: InferenceConfig) -> None:
+def main(
+    requests: Connection, replies: Connection, layout: SlotLayout, config: InferenceConfig
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if config.threads:
         torch.set_num_threads(config.threads)
     classifier = Classifier(config)
     classifier.warm_up()
     view = SlotView.attach(layout)
+    try:
+        serve(
+            requests,
+            replies,
+            _batch_handler(classifier, view),
+            ready_info={
+                "pid": os.getpid(),
+                "weights": classifier.weights_identity,
+                "device": str(classifier.device),
+                "precision": config.precision,
+                "threads": torch.get_num_threads(),
+            },
+        )
+    finally:
+        view.close()
+
+
+def _batch_handler(classifier: Classifier, view: SlotView) -> Callable[[list[int]], BatchResult]:
     pixels = torch.from_numpy(view.pixels)  # shares the segment, no copy
 
     def handle(slots: list[int]) -> BatchResult:
@@ -91,11 +113,4 @@ def main(requests: Connection, replies: Connection, layout: SlotLayout, config: 
         except Exception as exc:  # e.g. CUDA out of memory: every record of the batch retries
             raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
 
-    try:
-        serve(requests, replies, handle, ready_info={
-            "pid": os.getpid(), "weights": classifier.weights_identity,
-            "device": str(classifier.device), "precision": config.precision,
-            "threads": torch.get_num_threads()})
-    finally:
-        del pixels
-        view.close()
+    return handle

@@ -54,7 +54,8 @@ class WeightsSpec:
         path = Path(text).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"--weights {text!r}: expected 'imagenet', 'random[:SEED]' or a state_dict file")
+                f"--weights {text!r}: expected 'imagenet', 'random[:SEED]' or a state_dict file"
+            )
         return cls("file", path=str(path.resolve()))
 
 
@@ -74,7 +75,8 @@ def build_model(spec: WeightsSpec) -> tuple[ResNet, str]:
             raise ModelLoadError(
                 "could not download torchvision's ResNet18 IMAGENET1K_V1 weights "
                 f"({type(exc).__name__}: {exc}); pass --weights PATH with a local state_dict, "
-                "or --weights random[:SEED] for tests") from exc
+                "or --weights random[:SEED] for tests"
+            ) from exc
         identity = "torchvision:ResNet18_Weights.IMAGENET1K_V1"
     else:
         path = Path(spec.path)

@@ -23,13 +23,20 @@ RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
 
 
 class WorkerPool:
-    def __init__(self, kind: str, size: int, target: Callable[..., None],
-                 args: Callable[[int], tuple[Any, ...]], metrics: Metrics,
-                 start_timeout_s: float) -> None:
+    def __init__(
+        self,
+        kind: str,
+        size: int,
+        target: Callable[..., None],
+        args: Callable[[int], tuple[Any, ...]],
+        metrics: Metrics,
+        start_timeout_s: float,
+    ) -> None:
         self.kind = kind
         self._target = target
         self._args = args
         self._metrics = metrics
+        metrics.worker_restarts.labels(kind)  # exported as 0 from the start, so increase() works
         self._start_timeout_s = start_timeout_s
         self.workers = [self._make(i) for i in range(size)]
         self._respawns: set[asyncio.Task[None]] = set()
@@ -38,8 +45,9 @@ class WorkerPool:
         self.failed: asyncio.Future[None] | None = None
 
     def _make(self, index: int) -> WorkerProcess:
-        return WorkerProcess(self.kind, index, self._target, self._args(index),
-                             on_exit=self._on_exit)
+        return WorkerProcess(
+            self.kind, index, self._target, self._args(index), on_exit=self._on_exit
+        )
 
     @property
     def running(self) -> list[WorkerProcess]:
@@ -84,15 +92,22 @@ class WorkerPool:
             self.workers[index] = worker
             try:
                 await worker.start(self._start_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - retried, then reported through `failed`
-                log.error("respawn failed kind=%s index=%d attempt=%d error=%s",
-                          self.kind, index, attempt, exc)
+            except Exception as exc:
+                log.error(
+                    "respawn failed kind=%s index=%d attempt=%d error=%s",
+                    self.kind,
+                    index,
+                    attempt,
+                    exc,
+                )
                 continue
             self._update_capacity()
             log.info("worker respawned kind=%s index=%d pid=%s", self.kind, index, worker.pid)
             return
         if self.failed is not None and not self.failed.done():
-            self.failed.set_exception(RuntimeError(f"{self.kind} worker {index} cannot be restarted"))
+            self.failed.set_exception(
+                RuntimeError(f"{self.kind} worker {index} cannot be restarted")
+            )
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every worker; safe to call twice."""

@@ -51,16 +51,26 @@ class WorkerStartError(StreamerError):
 # ---------------------------------------------------------------- worker side
 
 
+WORKER_NICENESS = 5
+
+
 def _child_main(target: Callable[..., None], log_level: int, *args: Any) -> None:
-    """Entry point of every worker: the owner's log level, then the worker's own main."""
+    """Entry point of every worker: lower priority, the owner's log level, then its main.
+
+    Workers run at a lower CPU priority than the main process, so the event loop
+    (Kafka I/O, acks, commits, metrics) is scheduled promptly even when decode and
+    inference keep every core busy.
+    """
     from streamer import logs
 
+    os.nice(WORKER_NICENESS)
     logs.configure(log_level)
     target(*args)
 
 
-def serve(requests: Connection, replies: Connection,
-          handle: Callable[[Any], Any], ready_info: Any = None) -> None:
+def serve(
+    requests: Connection, replies: Connection, handle: Callable[[Any], Any], ready_info: Any = None
+) -> None:
     """Worker main loop: reply ``(id, True, result)`` or ``(id, False, error)`` per request.
 
     ``handle`` gets the request body. A ``StreamerError`` it raises is sent back
@@ -81,9 +91,12 @@ def serve(requests: Connection, replies: Connection,
             reply = (request_id, True, handle(body))
         except StreamerError as exc:
             reply = (request_id, False, exc)
-        except Exception as exc:  # noqa: BLE001 - reported to the owner, not swallowed
-            reply = (request_id, False, RuntimeError(
-                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"))
+        except Exception as exc:
+            reply = (
+                request_id,
+                False,
+                RuntimeError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"),
+            )
         replies.send(reply)
 
 
@@ -93,8 +106,14 @@ def serve(requests: Connection, replies: Connection,
 class WorkerProcess:
     """Owns one spawned worker: start, call, stop, and notice its death."""
 
-    def __init__(self, kind: str, index: int, target: Callable[..., None], args: tuple[Any, ...],
-                 on_exit: Callable[[WorkerProcess], None] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        index: int,
+        target: Callable[..., None],
+        args: tuple[Any, ...],
+        on_exit: Callable[[WorkerProcess], None] | None = None,
+    ) -> None:
         self.kind = kind
         self.index = index
         self.name = f"{kind}-{index}"
@@ -129,9 +148,16 @@ class WorkerProcess:
         self.state = WorkerState.STARTING
         self._process = _SPAWN.Process(
             target=_child_main,
-            args=(self._target, logging.getLogger().getEffectiveLevel(), req_read, rep_write,
-                  *self._args),
-            name=f"streamer-{self.name}", daemon=True)
+            args=(
+                self._target,
+                logging.getLogger().getEffectiveLevel(),
+                req_read,
+                rep_write,
+                *self._args,
+            ),
+            name=f"streamer-{self.name}",
+            daemon=True,
+        )
         self._process.start()
         # The child has its own copies now; keep only our ends.
         req_read.close()
@@ -144,7 +170,9 @@ class WorkerProcess:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
         self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, write_file)
         self._ready = loop.create_future()
-        self._reader_task = asyncio.create_task(self._read_replies(reader), name=f"{self.name}-replies")
+        self._reader_task = asyncio.create_task(
+            self._read_replies(reader), name=f"{self.name}-replies"
+        )
         try:
             self.ready_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except (TimeoutError, WorkerCrashed) as exc:
@@ -213,7 +241,9 @@ class WorkerProcess:
             self._writer.close()
             self._writer = None
         if not expected:
-            log.error("worker died worker=%s pid=%s exitcode=%s", self.name, self.pid, self.exitcode)
+            log.error(
+                "worker died worker=%s pid=%s exitcode=%s", self.name, self.pid, self.exitcode
+            )
             if self._on_exit is not None:
                 self._on_exit(self)
 

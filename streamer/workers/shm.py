@@ -56,8 +56,12 @@ class SlotLayout:
 class SlotView:
     """A process's window on the slot segments (the owner's and every worker's)."""
 
-    def __init__(self, layout: SlotLayout, payload: shared_memory.SharedMemory,
-                 pixels: shared_memory.SharedMemory) -> None:
+    def __init__(
+        self,
+        layout: SlotLayout,
+        payload: shared_memory.SharedMemory,
+        pixels: shared_memory.SharedMemory,
+    ) -> None:
         self.layout = layout
         self._payload_shm = payload
         self._pixel_shm = pixels
@@ -69,7 +73,7 @@ class SlotView:
         return cls(layout, _attach(layout.payload_name), _attach(layout.pixel_name))
 
     def payload(self, slot: int, length: int) -> memoryview:
-        return memoryview(self.payloads[slot, :length]).cast("B")
+        return self.payloads[slot, :length].data
 
     def close(self) -> None:
         # Drop the numpy views first: SharedMemory.close() fails while they export the buffer.
@@ -103,21 +107,28 @@ class SlotPool:
         return len(self._free)
 
     def open(self) -> None:
-        layout = SlotLayout(f"{self.prefix}-payload", f"{self.prefix}-pixels",
-                            self._slots, self._payload_bytes)
+        layout = SlotLayout(
+            f"{self.prefix}-payload", f"{self.prefix}-pixels", self._slots, self._payload_bytes
+        )
         payload = shared_memory.SharedMemory(
-            layout.payload_name, create=True, size=layout.slots * layout.payload_bytes)
+            layout.payload_name, create=True, size=layout.slots * layout.payload_bytes
+        )
         try:
             pixels = shared_memory.SharedMemory(
-                layout.pixel_name, create=True, size=layout.slots * PIXELS_PER_SLOT)
+                layout.pixel_name, create=True, size=layout.slots * PIXELS_PER_SLOT
+            )
         except BaseException:
             payload.close()
             payload.unlink()
             raise
         self._view = SlotView(layout, payload, pixels)
         self._free = list(range(self._slots - 1, -1, -1))
-        log.info("slot pool open prefix=%s slots=%d reserved_bytes=%d",
-                 self.prefix, self._slots, layout.total_bytes)
+        log.info(
+            "slot pool open prefix=%s slots=%d reserved_bytes=%d",
+            self.prefix,
+            self._slots,
+            layout.total_bytes,
+        )
 
     def acquire(self) -> int:
         if not self._free:
@@ -154,12 +165,12 @@ class SlotPool:
 
 def sweep_orphans() -> list[str]:
     """Unlink segments left by streamer instances whose process no longer exists."""
-    removed = []
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
         try:
-            pid = int(path.name[len(NAME_PREFIX):].split("-", 1)[0])
+            pid = int(path.name[len(NAME_PREFIX) :].split("-", 1)[0])
         except ValueError:
             continue
         if _pid_alive(pid):

@@ -36,8 +36,9 @@ async def test_full_batch_flushes_without_waiting_for_the_delay() -> None:
 async def test_partial_batch_flushes_after_the_delay() -> None:
     run = Recorder()
     infos: list[BatchInfo] = []
-    async with Batcher(run, max_batch_size=8, max_batch_delay_ms=50,
-                       on_dispatch=infos.append) as batcher:
+    async with Batcher(
+        run, max_batch_size=8, max_batch_delay_ms=50, on_dispatch=infos.append
+    ) as batcher:
         loop = asyncio.get_running_loop()
         started = loop.time()
         results = await asyncio.wait_for(asyncio.gather(batcher.submit(1), batcher.submit(2)), 2)
@@ -67,15 +68,17 @@ async def test_wrong_number_of_results_fails_the_batch() -> None:
         return list(items)[:-1]
 
     async with Batcher(run, max_batch_size=3, max_batch_delay_ms=10) as batcher:
-        outcomes = await asyncio.wait_for(asyncio.gather(
-            *(batcher.submit(i) for i in range(3)), return_exceptions=True), 2)
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True), 2
+        )
     assert all(isinstance(o, RuntimeError) and "returned 2 results" in str(o) for o in outcomes)
 
 
 async def test_batches_grow_while_the_model_is_busy_and_concurrency_is_bounded() -> None:
     run = Recorder(delay_s=0.1)
-    async with Batcher(run, max_batch_size=16, max_batch_delay_ms=1,
-                       max_concurrent_batches=1) as batcher:
+    async with Batcher(
+        run, max_batch_size=16, max_batch_delay_ms=1, max_concurrent_batches=1
+    ) as batcher:
         first = batcher.submit(0)
         await asyncio.sleep(0.02)  # the first batch (size 1) is now running
         rest = [batcher.submit(i) for i in range(1, 11)]

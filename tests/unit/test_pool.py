@@ -1,0 +1,82 @@
+"""Worker supervision with real spawned processes (no Kafka)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamer.errors import DecodeError, WorkerCrashed
+from streamer.metrics import Metrics
+from streamer.workers import decode_worker
+from streamer.workers.decode import DecodeLimits
+from streamer.workers.pool import WorkerPool
+from streamer.workers.shm import SlotPool
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 260), color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+async def decoders():
+    metrics = Metrics()
+    with SlotPool(slots=4, payload_bytes=64 * 1024) as slots:
+        layout = slots.layout
+        pool = WorkerPool(
+            "decode",
+            1,
+            decode_worker.main,
+            lambda i: (layout, DecodeLimits()),
+            metrics,
+            start_timeout_s=60,
+        )
+        await pool.start()
+        try:
+            yield pool, slots, metrics
+        finally:
+            await pool.stop()
+
+
+async def test_decode_worker_writes_pixels_into_the_slot_and_reports_bad_input(decoders) -> None:
+    pool, slots, _ = decoders
+    slot = slots.acquire()
+    n = slots.write_payload(slot, png((10, 200, 30)))
+    seconds = await asyncio.wait_for(pool.submit((slot, n)), 30)
+    assert seconds > 0
+    assert np.all(slots.view.pixels[slot][:, 0, 0] == [10, 200, 30])
+
+    n = slots.write_payload(slot, b"definitely not an image")
+    with pytest.raises(DecodeError) as info:
+        await asyncio.wait_for(pool.submit((slot, n)), 30)
+    assert info.value.reason == "not-an-image"
+
+
+async def test_a_killed_worker_fails_its_requests_and_is_respawned(decoders) -> None:
+    pool, slots, metrics = decoders
+    victim = pool.workers[0]
+    slot = slots.acquire()
+    n = slots.write_payload(slot, png((1, 2, 3)))
+    os.kill(victim.pid, signal.SIGKILL)
+    # A request to the dying worker fails with WorkerCrashed (retriable), never hangs.
+    with pytest.raises(WorkerCrashed) as info:
+        await asyncio.wait_for(victim.call((slot, n)), 30)
+    assert info.value.retriable
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not (pool.running and pool.workers[0] is not victim):
+        assert loop.time() - started < 30, "the worker was not respawned"
+        await asyncio.sleep(0.05)
+    print(f"capacity back {loop.time() - started:.2f} s after the kill")
+    assert metrics.worker_restarts.labels("decode")._value.get() == 1
+    assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0
