@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any
 
 from aiokafka.structs import TopicPartition
@@ -29,20 +28,11 @@ from streamer.kafka.offsets import OffsetTracker
 from streamer.kafka.publisher import Publisher, PublisherClosed
 from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
-from streamer.pipeline.batcher import Batcher, BatchInfo
-from streamer.pipeline.processor import Classified, ProcessorConfig, Record, RecordProcessor
-from streamer.schemas import ModelInfo
-from streamer.workers import decode_worker, inference_worker
-from streamer.workers.decode import DecodeLimits
-from streamer.workers.devices import check_precision, cuda_device_count, resolve_devices
-from streamer.workers.inference_worker import BatchResult, InferenceConfig
-from streamer.workers.models import MODEL_NAME, WeightsSpec, imagenet_labels
-from streamer.workers.pool import WorkerPool
-from streamer.workers.shm import SlotPool, sweep_orphans
+from streamer.pipeline.engine import Engine
+from streamer.pipeline.processor import ProcessorConfig, Record, RecordProcessor
+from streamer.workers.models import imagenet_labels
 
 log = logging.getLogger(__name__)
-
-BATCHES_IN_FLIGHT_PER_DEVICE = 2  # one running, one queued: the device never idles
 
 
 class State(enum.Enum):
@@ -59,22 +49,14 @@ class Service:
         self.metrics = metrics or Metrics()
         self.state = State.CREATED
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe)
-        self._weights = WeightsSpec.parse(settings.weights)
-        self._devices = resolve_devices(settings.device, cuda_device_count())
-        for device in self._devices:
-            check_precision(settings.precision, device)
+        self.engine = Engine(settings, self.metrics)
         self._permits = asyncio.Semaphore(settings.max_in_flight)
         self._tracker = OffsetTracker()
-        self._slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
         self._in_flight: dict[asyncio.Task[None], TopicPartition] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
         self._ready = False
-        self.model_info: ModelInfo | None = None
-        self.decoders: WorkerPool | None = None
-        self.inference: WorkerPool | None = None
-        self._batcher: Batcher[int, Classified] | None = None
         self._processor: RecordProcessor | None = None
         self._publisher: Publisher | None = None
         self._intake: Intake | None = None
@@ -93,9 +75,6 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         self.state = State.STARTING
-        sweep_orphans()
-        self._slots.open()
-        self.metrics.shm_bytes.set(self._slots.layout.total_bytes)
         try:
             await self._start_components(s)
         except BaseException:
@@ -110,61 +89,18 @@ class Service:
             s.output_topic,
             s.dlq_topic,
             s.group_id,
-            self._devices,
+            self.engine.devices,
         )
 
     async def _start_components(self, s: Settings) -> None:
-        layout = self._slots.layout
-        limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
-        threads = s.inference_threads or max(1, os.cpu_count() or 1)
-        self.decoders = WorkerPool(
-            "decode",
-            s.decode_workers,
-            decode_worker.main,
-            lambda i: (layout, limits),
-            self.metrics,
-            s.worker_start_timeout_s,
-        )
-        self.inference = WorkerPool(
-            "inference",
-            len(self._devices),
-            inference_worker.main,
-            lambda i: (
-                layout,
-                InferenceConfig(self._weights, self._devices[i], s.precision, s.top_k, threads),
-            ),
-            self.metrics,
-            s.worker_start_timeout_s,
-        )
-        await asyncio.gather(self.decoders.start(), self.inference.start())
-        info = self.inference.workers[0].ready_info
-        self.model_info = ModelInfo(
-            name=MODEL_NAME,
-            weights=info["weights"],
-            device=",".join(self._devices),
-            precision=s.precision,
-        )
-        self.metrics.model.info(self.model_info.model_dump())
-        self._batcher = Batcher(
-            self._run_batch,
-            max_batch_size=s.max_batch_size,
-            max_batch_delay_ms=s.max_batch_delay_ms,
-            max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self._devices),
-            on_dispatch=self._on_batch,
-        )
-        await self._batcher.start()
+        await self.engine.start()
         self._publisher = Publisher(s, self.metrics)
         await self._publisher.start()
         self._processor = RecordProcessor(
-            ProcessorConfig(
-                s.output_topic, s.dlq_topic, s.max_payload_bytes, s.max_record_attempts
-            ),
-            self._slots,
-            self.decoders,
-            self._batcher,
+            ProcessorConfig(s.output_topic, s.dlq_topic),
+            self.engine,
             self._publisher,
             self.metrics,
-            self.model_info,
             imagenet_labels(),
         )
         self._intake = Intake(s, self._tracker, self.metrics, self._finish_revoked)
@@ -186,7 +122,7 @@ class Service:
     async def run(self) -> None:
         """Start, serve until ``request_stop`` or a fatal error, then drain and stop."""
         await self.start()
-        failures = [p.failed for p in (self.decoders, self.inference) if p and p.failed]
+        failures = [p.failed for p in self.engine.pools if p.failed]
         waiters: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(self._stop_requested.wait()),
             *failures,
@@ -240,15 +176,10 @@ class Service:
             await _teardown("consumer", self._intake.stop())
         if self._publisher is not None:
             await _teardown("producer", self._publisher.stop())
-        if self._batcher is not None:
-            await _teardown("batcher", self._batcher.stop())
-        for pool in (self.inference, self.decoders):
-            if pool is not None:
-                await _teardown(f"{pool.kind} workers", pool.stop())
+        await _teardown("engine", self.engine.stop())
         if self._metrics_server is not None:
             await _teardown("metrics server", self._metrics_server.stop())
         await self.loop_lag.stop()
-        self._slots.close()
         self.state = State.STOPPED
         log.info("service stopped")
 
@@ -320,20 +251,6 @@ class Service:
         tasks = [t for t, tp in self._in_flight.items() if tp in revoked]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s or None)
-
-    async def _run_batch(self, slots: Sequence[int]) -> list[Classified]:
-        assert self.inference is not None
-        dispatched_at = time.perf_counter()
-        result: BatchResult = await self.inference.submit(list(slots))
-        n = len(slots)
-        return [
-            Classified(i, s, n, result.forward_s, dispatched_at)
-            for i, s in zip(result.indices, result.scores, strict=False)
-        ]
-
-    def _on_batch(self, info: BatchInfo) -> None:
-        self.metrics.batch_size.observe(info.size)
-        self.metrics.batch_fill_wait.observe(info.fill_s)
 
     def _update_permit_gauges(self) -> None:
         in_flight = len(self._in_flight)

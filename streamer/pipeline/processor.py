@@ -1,14 +1,9 @@
-"""What happens to one record, from fetched to acked.
+"""What happens to one Kafka record, from fetched to acked.
 
-``RecordProcessor.process`` copies the payload into a shared-memory slot, has a
-decode worker turn it into pixels, waits for its batch on the inference worker,
-and publishes the prediction. Any ``RecordError`` (bad image, too large, retries
+``RecordProcessor.process`` has the engine classify the record's value and
+publishes the prediction. Any ``RecordError`` (bad image, too large, retries
 exhausted) becomes a dead letter instead. It returns only when the output or the
 dead letter is acked, so the caller may then mark the offset done.
-
-Retriable failures (a worker died holding this record) are retried up to
-``max_record_attempts`` times from the stage that failed; the decoded pixels stay
-in the slot, so an inference retry does not decode again.
 """
 
 from __future__ import annotations
@@ -21,16 +16,10 @@ from typing import TypeAlias
 from aiokafka import ConsumerRecord
 from aiokafka.errors import MessageSizeTooLargeError
 
-from streamer.errors import (
-    PayloadTooLarge,
-    RecordError,
-    RetriesExhausted,
-    StreamerError,
-    WorkerCrashed,
-)
+from streamer.errors import RecordError
 from streamer.kafka.publisher import Publisher
 from streamer.metrics import Metrics
-from streamer.pipeline.batcher import Batcher
+from streamer.pipeline.engine import Engine
 from streamer.schemas import (
     DLQ_CLASS,
     DLQ_MESSAGE,
@@ -45,14 +34,11 @@ from streamer.schemas import (
     PASSTHROUGH_HEADERS,
     Headers,
     Label,
-    ModelInfo,
     Prediction,
     Source,
     Timings,
     record_id,
 )
-from streamer.workers.pool import WorkerPool
-from streamer.workers.shm import SlotPool
 
 log = logging.getLogger(__name__)
 
@@ -60,43 +46,24 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 @dataclass(frozen=True)
-class Classified:
-    """One item of a batch result, as the batcher hands it back."""
-
-    indices: list[int]
-    scores: list[float]
-    batch_size: int
-    forward_s: float
-    dispatched_at: float  # perf_counter when the batch went to the worker
-
-
-@dataclass(frozen=True)
 class ProcessorConfig:
     output_topic: str
     dlq_topic: str
-    max_payload_bytes: int
-    max_record_attempts: int
 
 
 class RecordProcessor:
     def __init__(
         self,
         config: ProcessorConfig,
-        slots: SlotPool,
-        decoders: WorkerPool,
-        batcher: Batcher[int, Classified],
+        engine: Engine,
         publisher: Publisher,
         metrics: Metrics,
-        model: ModelInfo,
         labels: list[str],
     ) -> None:
         self._config = config
-        self._slots = slots
-        self._decoders = decoders
-        self._batcher = batcher
+        self._engine = engine
         self._publisher = publisher
         self._metrics = metrics
-        self._model = model
         self._labels = labels
 
     async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> str:
@@ -112,61 +79,15 @@ class RecordProcessor:
     async def _classify(
         self, record: Record, fetched_at: float, permit_wait_s: float
     ) -> Prediction:
-        payload = record.value or b""
-        if len(payload) > self._config.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload of {len(payload)} bytes exceeds {self._config.max_payload_bytes}"
-            )
-        slot = self._slots.acquire()
-        try:
-            length = self._slots.write_payload(slot, payload)
-            decode_s: float | None = None
-            decoded_at = 0.0
-            result: Classified | None = None
-            for attempt in range(1, self._config.max_record_attempts + 1):
-                try:
-                    if decode_s is None:
-                        decode_s = await self._decoders.submit((slot, length))
-                        decoded_at = time.perf_counter()
-                    result = await self._batcher.submit(slot)
-                    break
-                except StreamerError as exc:
-                    if not exc.retriable:
-                        raise
-                    stage = "decode" if decode_s is None else "inference"
-                    self._metrics.record_retries.labels(stage).inc()
-                    log.warning(
-                        "retrying topic=%s partition=%d offset=%d attempt=%d error=%s",
-                        record.topic,
-                        record.partition,
-                        record.offset,
-                        attempt,
-                        exc,
-                    )
-                    if attempt == self._config.max_record_attempts:
-                        raise RetriesExhausted(
-                            f"gave up after {attempt} attempts: {exc}",
-                            reason=_crash_reason(exc),
-                        ) from exc
-        finally:
-            self._slots.release(slot)
-        assert result is not None and decode_s is not None
+        result = await self._engine.classify(record.value or b"")
+        assert self._engine.model_info is not None
         now = time.perf_counter()
         kafka_s = max(0.0, time.time() - record.timestamp / 1000.0 - (now - fetched_at))
-        batch_wait_s = max(0.0, result.dispatched_at - decoded_at)
-        timings = Timings(
-            kafka_ms=kafka_s * 1000,
-            permit_wait_ms=permit_wait_s * 1000,
-            decode_ms=decode_s * 1000,
-            batch_wait_ms=batch_wait_s * 1000,
-            inference_ms=result.forward_s * 1000,
-            total_ms=(kafka_s + now - fetched_at) * 1000,
-        )
         m = self._metrics
         m.observe_stage("kafka", kafka_s)
         m.observe_stage("permit_wait", permit_wait_s)
-        m.observe_stage("decode", decode_s)
-        m.observe_stage("batch_wait", batch_wait_s)
+        m.observe_stage("decode", result.decode_s)
+        m.observe_stage("batch_wait", result.batch_wait_s)
         m.observe_stage("inference", result.forward_s)
         return Prediction(
             id=record_id(record.headers, record.topic, record.partition, record.offset),
@@ -176,13 +97,20 @@ class RecordProcessor:
                 offset=record.offset,
                 timestamp=record.timestamp,
             ),
-            model=self._model,
+            model=self._engine.model_info,
             top_k=[
                 Label(index=i, label=self._labels[i], score=s)
-                for i, s in zip(result.indices, result.scores, strict=False)
+                for i, s in zip(result.indices, result.scores, strict=True)
             ],
             batch_size=result.batch_size,
-            timings=timings,
+            timings=Timings(
+                kafka_ms=kafka_s * 1000,
+                permit_wait_ms=permit_wait_s * 1000,
+                decode_ms=result.decode_s * 1000,
+                batch_wait_ms=result.batch_wait_s * 1000,
+                inference_ms=result.forward_s * 1000,
+                total_ms=(kafka_s + now - fetched_at) * 1000,
+            ),
         )
 
     async def _publish(self, record: Record, prediction: Prediction) -> None:
@@ -232,7 +160,3 @@ def dead_letter_headers(record: Record, error: RecordError) -> Headers:
         (DLQ_SOURCE_OFFSET, str(record.offset).encode()),
         (DLQ_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
     ]
-
-
-def _crash_reason(exc: StreamerError) -> str:
-    return "worker-crashed" if isinstance(exc, WorkerCrashed) else "inference-failed"

@@ -1,0 +1,210 @@
+"""The inference engine: encoded bytes in, top-k out. No Kafka.
+
+It owns the shared-memory slots, the decode and inference worker pools and the
+batcher, and ``classify`` runs one payload through them:
+
+1. take a slot and copy the payload into it (the caller holds a permit per slot);
+2. a decode worker writes 3x224x224 uint8 pixels into the same slot;
+3. the slot joins a batch; the inference worker reads the batch's pixels from
+   shared memory and returns top-k per slot;
+4. the slot is released.
+
+Retriable failures (a worker died holding this payload) are retried up to
+``max_record_attempts`` times from the stage that failed; decoded pixels stay in
+the slot, so an inference retry does not decode again. The service wraps the
+engine with Kafka; the benchmark drives it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from streamer.config import Settings
+from streamer.errors import PayloadTooLarge, RetriesExhausted, StreamerError, WorkerCrashed
+from streamer.metrics import Metrics
+from streamer.pipeline.batcher import Batcher, BatchInfo
+from streamer.schemas import ModelInfo
+from streamer.workers import decode_worker, inference_worker
+from streamer.workers.decode import DecodeLimits
+from streamer.workers.devices import check_precision, cuda_device_count, resolve_devices
+from streamer.workers.inference_worker import BatchResult, InferenceConfig
+from streamer.workers.models import MODEL_NAME, WeightsSpec
+from streamer.workers.pool import WorkerPool
+from streamer.workers.shm import SlotPool, sweep_orphans
+
+log = logging.getLogger(__name__)
+
+BATCHES_IN_FLIGHT_PER_DEVICE = 2  # one running, one queued: the device never idles
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One payload's result and where its time went."""
+
+    indices: list[int]
+    scores: list[float]
+    batch_size: int
+    decode_s: float
+    batch_wait_s: float  # decoded -> its batch dispatched to the inference worker
+    forward_s: float  # the whole batch's forward pass
+
+
+@dataclass(frozen=True)
+class _BatchItem:
+    indices: list[int]
+    scores: list[float]
+    batch_size: int
+    forward_s: float
+    dispatched_at: float
+
+
+class Engine:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.weights = WeightsSpec.parse(settings.weights)
+        self.devices = resolve_devices(settings.device, cuda_device_count())
+        for device in self.devices:
+            check_precision(settings.precision, device)
+        self.slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
+        self.model_info: ModelInfo | None = None
+        self.decoders: WorkerPool | None = None
+        self.inference: WorkerPool | None = None
+        self._batcher: Batcher[int, _BatchItem] | None = None
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        s = self.settings
+        sweep_orphans()
+        self.slots.open()
+        self.metrics.shm_bytes.set(self.slots.layout.total_bytes)
+        layout = self.slots.layout
+        limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
+        threads = s.inference_threads or max(1, os.cpu_count() or 1)
+        self.decoders = WorkerPool(
+            "decode",
+            s.decode_workers,
+            decode_worker.main,
+            lambda i: (layout, limits),
+            self.metrics,
+            s.worker_start_timeout_s,
+        )
+        self.inference = WorkerPool(
+            "inference",
+            len(self.devices),
+            inference_worker.main,
+            lambda i: (
+                layout,
+                InferenceConfig(self.weights, self.devices[i], s.precision, s.top_k, threads),
+            ),
+            self.metrics,
+            s.worker_start_timeout_s,
+        )
+        await asyncio.gather(self.decoders.start(), self.inference.start())
+        info = self.inference.workers[0].ready_info
+        self.model_info = ModelInfo(
+            name=MODEL_NAME,
+            weights=info["weights"],
+            device=",".join(self.devices),
+            precision=s.precision,
+        )
+        self.metrics.model.info(self.model_info.model_dump())
+        self._batcher = Batcher(
+            self._run_batch,
+            max_batch_size=s.max_batch_size,
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self.devices),
+            on_dispatch=self._on_batch,
+        )
+        await self._batcher.start()
+
+    async def stop(self) -> None:
+        """Stop the batcher and workers, unlink shared memory; safe to call twice."""
+        if self._batcher is not None:
+            await self._batcher.stop()
+        for pool in (self.inference, self.decoders):
+            if pool is not None:
+                await pool.stop()
+        self.slots.close()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def pools(self) -> list[WorkerPool]:
+        return [p for p in (self.decoders, self.inference) if p is not None]
+
+    async def classify(self, payload: bytes) -> Classified:
+        """Classify one encoded image; raises a ``RecordError`` for bad input."""
+        assert self.decoders is not None and self._batcher is not None
+        limit = self.settings.max_payload_bytes
+        if len(payload) > limit:
+            raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds {limit}")
+        slot = self.slots.acquire()
+        try:
+            length = self.slots.write_payload(slot, payload)
+            decode_s: float | None = None
+            decoded_at = 0.0
+            attempts = self.settings.max_record_attempts
+            for attempt in range(1, attempts + 1):
+                try:
+                    if decode_s is None:
+                        decode_s = await self.decoders.submit((slot, length))
+                        decoded_at = time.perf_counter()
+                    item = await self._batcher.submit(slot)
+                    break
+                except StreamerError as exc:
+                    if not exc.retriable:
+                        raise
+                    stage = "decode" if decode_s is None else "inference"
+                    self.metrics.record_retries.labels(stage).inc()
+                    log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
+                    if attempt == attempts:
+                        reason = (
+                            "worker-crashed"
+                            if isinstance(exc, WorkerCrashed)
+                            else ("inference-failed")
+                        )
+                        raise RetriesExhausted(
+                            f"gave up after {attempt} attempts: {exc}", reason=reason
+                        ) from exc
+        finally:
+            self.slots.release(slot)
+        assert decode_s is not None
+        return Classified(
+            item.indices,
+            item.scores,
+            item.batch_size,
+            decode_s,
+            max(0.0, item.dispatched_at - decoded_at),
+            item.forward_s,
+        )
+
+    async def _run_batch(self, slots: Sequence[int]) -> list[_BatchItem]:
+        assert self.inference is not None
+        dispatched_at = time.perf_counter()
+        result: BatchResult = await self.inference.submit(list(slots))
+        n = len(slots)
+        return [
+            _BatchItem(i, s, n, result.forward_s, dispatched_at)
+            for i, s in zip(result.indices, result.scores, strict=True)
+        ]
+
+    def _on_batch(self, info: BatchInfo) -> None:
+        self.metrics.batch_size.observe(info.size)
+        self.metrics.batch_fill_wait.observe(info.fill_s)
