@@ -75,7 +75,7 @@ class Engine:
         self.model_info: ModelInfo | None = None
         self.decoders: WorkerPool | None = None
         self.inference: WorkerPool | None = None
-        self._batcher: Batcher[int, _BatchItem] | None = None
+        self._batcher: Batcher[int, _BatchItem | WorkerCrashed] | None = None
 
     async def start(self) -> None:
         try:
@@ -151,54 +151,74 @@ class Engine:
 
     async def classify(self, payload: bytes) -> Classified:
         """Classify one encoded image; raises a ``RecordError`` for bad input."""
-        assert self.decoders is not None and self._batcher is not None
         limit = self.settings.max_payload_bytes
         if len(payload) > limit:
             raise PayloadTooLarge(f"payload of {len(payload)} bytes exceeds {limit}")
         slot = self.slots.acquire()
         try:
             length = self.slots.write_payload(slot, payload)
-            decode_s: float | None = None
-            decoded_at = 0.0
-            attempts = self.settings.max_record_attempts
-            for attempt in range(1, attempts + 1):
-                try:
-                    if decode_s is None:
-                        decode_s = await self.decoders.submit((slot, length))
-                        decoded_at = time.perf_counter()
-                    item = await self._batcher.submit(slot)
-                    break
-                except StreamerError as exc:
-                    if not exc.retriable:
-                        raise
-                    stage = "decode" if decode_s is None else "inference"
-                    self.metrics.record_retries.labels(stage).inc()
-                    log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
-                    if attempt == attempts:
-                        reason = (
-                            "worker-crashed"
-                            if isinstance(exc, WorkerCrashed)
-                            else ("inference-failed")
-                        )
-                        raise RetriesExhausted(
-                            f"gave up after {attempt} attempts: {exc}", reason=reason
-                        ) from exc
+            return await self._classify_slot(slot, length)
         finally:
             self.slots.release(slot)
-        assert decode_s is not None
-        return Classified(
-            item.indices,
-            item.scores,
-            item.batch_size,
-            decode_s,
-            max(0.0, item.dispatched_at - decoded_at),
-            item.forward_s,
-        )
 
-    async def _run_batch(self, slots: Sequence[int]) -> list[_BatchItem]:
+    async def _classify_slot(self, slot: int, length: int) -> Classified:
+        assert self.decoders is not None and self._batcher is not None
+        decode_s: float | None = None
+        decoded_at = 0.0
+        attempts = self.settings.max_record_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                if decode_s is None:
+                    decode_s = await self.decoders.submit((slot, length))
+                    decoded_at = time.perf_counter()
+                item = await self._batcher.submit(slot)
+                if isinstance(item, WorkerCrashed):
+                    raise item  # alone in a batch, this record killed the worker
+                return Classified(
+                    item.indices,
+                    item.scores,
+                    item.batch_size,
+                    decode_s,
+                    max(0.0, item.dispatched_at - decoded_at),
+                    item.forward_s,
+                )
+            except StreamerError as exc:
+                if not exc.retriable:
+                    raise
+                if attempt == attempts:
+                    crashed = isinstance(exc, WorkerCrashed)
+                    raise RetriesExhausted(
+                        f"gave up after {attempt} attempts: {exc}",
+                        reason="worker-crashed" if crashed else "inference-failed",
+                    ) from exc
+                stage = "decode" if decode_s is None else "inference"
+                self.metrics.record_retries.labels(stage).inc()
+                log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _run_batch(self, slots: Sequence[int]) -> list[_BatchItem | WorkerCrashed]:
+        return await self._infer(list(slots))
+
+    async def _infer(self, slots: list[int]) -> list[_BatchItem | WorkerCrashed]:
+        """Run one batch; if the worker dies, isolate the culprit by retrying in halves.
+
+        Every record of a batch that crashed the worker is suspect. Re-running the
+        two halves separately (recursively) gives the innocent records their results
+        and leaves a crashing record alone in a batch of one, whose ``WorkerCrashed``
+        becomes that record's result: ``classify`` counts it as one failed attempt.
+        """
         assert self.inference is not None
         dispatched_at = time.perf_counter()
-        result: BatchResult = await self.inference.submit(list(slots))
+        try:
+            result: BatchResult = await self.inference.submit(slots)
+        except WorkerCrashed as exc:
+            if len(slots) == 1:
+                return [exc]
+            half = len(slots) // 2
+            log.warning(
+                "inference worker died during a batch of %d; retrying in halves", len(slots)
+            )
+            return await self._infer(slots[:half]) + await self._infer(slots[half:])
         n = len(slots)
         return [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)

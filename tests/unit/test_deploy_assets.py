@@ -18,6 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 )
 def test_deploy_assets_pass_their_checks() -> None:
     result = subprocess.run(
-        [str(ROOT / "deploy" / "check-assets")], cwd=ROOT, capture_output=True, text=True,
-        timeout=110, check=False)
+        [str(ROOT / "deploy" / "check-assets")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,111 @@
+"""What every benchmark stage shares: the run's parameters, the corpus, the service settings."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamer import corpus
+from streamer.config import Settings
+
+CORPUS_SIZES = ((500, 375), (224, 224))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a run needs; ``full()`` and ``quick()`` are the two presets."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    precision: str = "fp32"
+    max_batch_size: int = 32
+    max_batch_delay_ms: float = 10.0
+    max_in_flight: int = 128
+    decode_workers: int | None = None  # None: the service default (cores - 1)
+    inference_threads: int | None = None  # None: the service default (all cores)
+    weights: str = "random:0"  # pretrained weights cannot be downloaded offline
+    partitions: int = 3
+    corpus_size: int = 64  # distinct images, cycled
+    ceiling_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    ceiling_min_s: float = 4.0  # per batch size, after one warm-up pass
+    engine_records: int = 600
+    e2e_records: int = 600
+    naive_records: int = 120
+    latency_fractions: tuple[float, ...] = (0.5, 0.9)
+    latency_s: float = 60.0
+    latency_warmup_s: float = 5.0
+    soak_s: float = 600.0
+    soak_samples_s: tuple[float, ...] = (120.0, 600.0)
+    soak_fraction: float = 0.5
+    skip_soak: bool = False
+
+    @classmethod
+    def full(cls, **overrides: Any) -> BenchConfig:
+        return cls(**overrides)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        values: dict[str, Any] = {
+            "corpus_size": 16,
+            "ceiling_batch_sizes": (1, 8, 32),
+            "ceiling_min_s": 1.5,
+            "engine_records": 96,
+            "e2e_records": 128,
+            "naive_records": 16,
+            "latency_s": 15.0,
+            "latency_warmup_s": 2.0,
+            "soak_s": 30.0,
+            "soak_samples_s": (10.0, 30.0),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+def payloads(count: int, seed: int = 0) -> list[bytes]:
+    """The fixed corpus: real photos (then synthetic fill) as JPEG at 500x375 and 224x224."""
+    return [s.data for s in corpus.generate(count, seed=seed, sizes=CORPUS_SIZES, formats=("JPEG",))]
+
+
+def run_prefix() -> str:
+    """Fresh topic and group names for every run."""
+    return f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Settings:
+    """The service's settings for a benchmark: defaults except the run's topics and knobs."""
+    values: dict[str, Any] = {
+        "bootstrap_servers": config.bootstrap_servers,
+        "input_topic": f"{prefix}-in",
+        "output_topic": f"{prefix}-out",
+        "dlq_topic": f"{prefix}-dlq",
+        "group_id": prefix,
+        "client_id": prefix,
+        "weights": config.weights,
+        "device": "cpu",
+        "precision": config.precision,
+        "max_batch_size": config.max_batch_size,
+        "max_batch_delay_ms": config.max_batch_delay_ms,
+        "max_in_flight": config.max_in_flight,
+        "log_level": "WARNING",
+    }
+    if config.decode_workers is not None:
+        values["decode_workers"] = config.decode_workers
+    if config.inference_threads is not None:
+        values["inference_threads"] = config.inference_threads
+    values.update(overrides)
+    return Settings(**values)
+
+
+def inference_threads(settings: Settings) -> int:
+    """The thread count the inference worker uses (same rule as the engine)."""
+    return settings.inference_threads or max(1, os.cpu_count() or 1)

@@ -1,0 +1,55 @@
+"""A record that kills the inference worker is isolated by retrying its batch in halves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamer.config import Settings
+from streamer.errors import WorkerCrashed
+from streamer.metrics import Metrics
+from streamer.pipeline.engine import Engine, _BatchItem
+from streamer.workers.inference_worker import BatchResult
+
+POISON = 13
+
+
+class CrashingPool:
+    """Stands in for the inference pool: any batch containing POISON 'kills the worker'."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    async def submit(self, slots: list[int]) -> Any:
+        self.batches.append(list(slots))
+        if POISON in slots:
+            raise WorkerCrashed("inference", -9)
+        return BatchResult([[s] for s in slots], [[1.0] for _ in slots], 0.01)
+
+
+async def test_innocent_records_get_results_and_only_the_culprit_fails() -> None:
+    engine = Engine(Settings(weights="random:0", device="cpu"), Metrics())
+    pool = CrashingPool()
+    engine.inference = pool  # type: ignore[assignment]
+    slots = [10, 11, 12, 13, 14, 15, 16, 17]
+
+    results = await engine._infer(slots)
+
+    assert len(results) == len(slots)
+    for slot, result in zip(slots, results, strict=True):
+        if slot == POISON:
+            assert isinstance(result, WorkerCrashed)
+        else:
+            assert isinstance(result, _BatchItem) and result.indices == [slot]
+    # The culprit ends up alone; the halves without it ran once each.
+    assert [POISON] in pool.batches
+    assert sum(1 for b in pool.batches if POISON not in b) == 3  # [10..11], [14..17], [12]
+    assert len(pool.batches) == 1 + 2 + 2 + 2
+
+
+async def test_a_batch_without_a_crash_runs_once() -> None:
+    engine = Engine(Settings(weights="random:0", device="cpu"), Metrics())
+    pool = CrashingPool()
+    engine.inference = pool  # type: ignore[assignment]
+    results = await engine._infer([1, 2, 3])
+    assert pool.batches == [[1, 2, 3]]
+    assert all(isinstance(r, _BatchItem) and r.batch_size == 3 for r in results)
