@@ -89,13 +89,14 @@ def format_table_row(record: ConsumerRecord[bytes, bytes]) -> str:
     except (ValueError, KeyError, TypeError):
         headers = dict(record.headers or ())
         reason = headers.get("streamer-error-reason", b"?").decode(errors="replace")
-        return f"{record.topic}/{record.partition}/{record.offset:<20}  dead letter: {reason}"
+        source = f"{record.topic}/{record.partition}/{record.offset}"
+        return f"{source:<36}  {'-':>5}  dead letter: {reason}"
 
 
 async def _consume(args: argparse.Namespace) -> int:
     topic = args.topic or tool_settings(args).output_topic
     if args.format == "table":
-        print(f"{'id':<36}  {'batch':>5}  top-3")
+        print(f"{'id or source':<36}  {'batch':>5}  top-3 (or dead-letter reason)")
     async for record in read_records(
         client_options(args), topic, args.max_records, args.follow, args.timeout_s
     ):

@@ -106,7 +106,7 @@ async def test_metrics_exports_every_streamer_metric_in_text_format(
     assert value("streamer_ready", "streamer_ready") == 1.0
     assert value("streamer_free_permits", "streamer_free_permits") == settings.max_in_flight
     assert value("streamer_workers_alive", "streamer_workers_alive", kind="decode") == 1.0
-    assert value("streamer_model", "streamer_model_info", name="resnet18") == 1.0
+    assert value("streamer_model_info", "streamer_model_info", name="resnet18") == 1.0
     assert value("streamer_shared_memory_bytes", "streamer_shared_memory_bytes") > 0
     assert (not_found.status, not_allowed.status) == (404, 405)
 

@@ -1,0 +1,65 @@
+"""End-to-end latency under a steady offered load, and the per-phase summary.
+
+A producer coroutine sends records on a fixed schedule (``rate`` per second) to
+the running service's input topic. Latency of a record = the broker's append
+time of its prediction (LogAppendTime on the output topic; acks=all on one
+broker, so this is when the write is acknowledged, to within the ack's trip back)
+minus the input record's CreateTime (set by our producer when it sends). Both
+are wall-clock milliseconds from this machine. Records sent in the first
+``warmup_s`` of a phase are left out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streamer.bench.kafka_io import produce_paced, read_outputs, wait_for_count
+from streamer.bench.service import MemorySampler, ServiceProcess
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+async def run_latency(
+    service: ServiceProcess,
+    sampler: MemorySampler,
+    options: dict[str, Any],
+    payloads: list[bytes],
+    rate_per_s: float,
+    duration_s: float,
+    warmup_s: float,
+    expected_before: int,
+) -> dict[str, Any]:
+    """One steady-rate phase; ``expected_before`` = predictions already on the output topic."""
+    s = service.settings
+    since = sampler.mark()
+    run = await produce_paced(options, s.input_topic, payloads, rate_per_s, duration_s)
+    await wait_for_count(
+        options, s.output_topic, expected_before + run.sent, timeout_s=600.0,
+        check=service.check_alive,
+    )
+    first_counted = run.first_ms + int(warmup_s * 1000)
+    outputs = [
+        o for o in await read_outputs(options, s.output_topic)
+        if first_counted <= o.source_ms <= run.last_ms
+    ]
+    latencies = sorted((o.appended_ms - o.source_ms) / 1000 for o in outputs)
+    return {
+        "offered_per_s": rate_per_s,
+        "achieved_per_s": run.achieved_per_s,
+        "sent": run.sent,
+        "counted": len(latencies),
+        "p50_s": percentile(latencies, 50),
+        "p95_s": percentile(latencies, 95),
+        "p99_s": percentile(latencies, 99),
+        "max_s": latencies[-1] if latencies else 0.0,
+        "mean_batch_size": sum(o.batch_size for o in outputs) / max(1, len(outputs)),
+        "latencies_s": latencies,
+        "memory": sampler.summary(since),
+        "produced_total": expected_before + run.sent,
+    }

@@ -1,0 +1,144 @@
+"""Run every benchmark stage in order on this machine and collect one result dict.
+
+Order: (a) ceiling and (b) engine in this process; then fresh topics, the input
+pre-loaded once; (d) the naive baseline drains the first records; then the
+service starts as a subprocess and (c) drains the whole backlog, followed by the
+steady-rate latency phases and the RSS soak on the same running service; last,
+the metrics cost. Nothing heavy runs concurrently with a measurement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from streamer.bench import metrics_cost
+from streamer.bench.ceiling import run_ceiling
+from streamer.bench.e2e import run_naive, run_service_throughput
+from streamer.bench.engine import run_engine
+from streamer.bench.kafka_io import make_topics, preload
+from streamer.bench.latency import run_latency
+from streamer.bench.service import MemorySampler, ServiceProcess
+from streamer.bench.soak import run_soak
+from streamer.bench.targets import verdicts
+from streamer.bench.workload import (
+    BenchConfig,
+    free_port,
+    inference_threads,
+    payloads,
+    run_prefix,
+    service_settings,
+)
+
+log = logging.getLogger(__name__)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+            "",
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu_model": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "gpu": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    prefix = run_prefix()
+    settings = service_settings(config, prefix, metrics_port=free_port())
+    threads = inference_threads(settings)
+    corpus = payloads(config.corpus_size)
+    options = {"bootstrap_servers": config.bootstrap_servers}
+    batch_sizes = tuple(sorted({*config.ceiling_batch_sizes, config.max_batch_size}))
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "config": dataclasses.asdict(config),
+        "prefix": prefix,
+        "service_settings": settings.model_dump(mode="json", exclude={"sasl_password"}),
+        "corpus": {
+            "images": len(corpus),
+            "mean_bytes": sum(map(len, corpus)) / len(corpus),
+            "sizes": "500x375 and 224x224 JPEG (real photos, then synthetic fill)",
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
+    results["ceiling"] = run_ceiling(
+        config.weights, config.precision, threads, batch_sizes, config.ceiling_min_s
+    )
+    log.info("bench (b) engine records=%d", config.engine_records)
+    results["engine"] = await run_engine(settings, corpus, config.engine_records)
+
+    input_topic, output_topic = settings.input_topic, settings.output_topic
+    naive_out = f"{prefix}-naive-out"
+    await make_topics(
+        options, [input_topic, settings.dlq_topic], [output_topic, naive_out], config.partitions
+    )
+    await preload(options, input_topic, corpus, config.e2e_records)
+    log.info("bench (d) naive records=%d", config.naive_records)
+    results["naive"] = await run_naive(
+        options, input_topic, naive_out, f"{prefix}-naive", config.weights,
+        config.naive_records, results_dir / "naive.log",
+    )
+
+    service = ServiceProcess(settings, results_dir / "service.log")
+    service.start()
+    sampler = MemorySampler(service.pid)
+    await sampler.start()
+    try:
+        ready_s = await service.wait_ready()
+        log.info("bench (c) end to end records=%d", config.e2e_records)
+        results["e2e"] = await run_service_throughput(service, sampler, options, config.e2e_records)
+        results["e2e"]["ready_s"] = ready_s
+        peak = results["e2e"]["images_per_s"]
+        produced = config.e2e_records
+        results["latency"] = {}
+        for fraction in config.latency_fractions:
+            log.info("bench latency at %.0f%% of %.2f/s", fraction * 100, peak)
+            phase = await run_latency(
+                service, sampler, options, corpus, fraction * peak,
+                config.latency_s, config.latency_warmup_s, produced,
+            )
+            produced = phase["produced_total"]
+            results["latency"][f"{fraction:g}"] = phase
+        if not config.skip_soak:
+            log.info("bench soak %.0f s at %.0f%% of peak", config.soak_s, config.soak_fraction * 100)
+            results["soak"] = await run_soak(
+                service, sampler, options, corpus, config.soak_fraction * peak,
+                config.soak_s, config.soak_samples_s, produced,
+            )
+        results["service_memory"] = sampler.summary()
+        results["memory_series"] = [dataclasses.asdict(s) for s in sampler.samples]
+    finally:
+        await sampler.stop()
+        results["service_exit_code"] = await asyncio.to_thread(service.stop)
+    results["metrics_cost"] = metrics_cost.measure(
+        results["e2e"]["images_per_s"], config.max_batch_size
+    )
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["targets"] = verdicts(results)
+    return results

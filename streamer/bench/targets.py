@@ -1,0 +1,47 @@
+"""The issue's targets, judged from one run's results (benchmark figures, not tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def full_batch_forward_s(results: dict[str, Any]) -> float:
+    """Seconds of one forward pass at the service's max batch size (from the ceiling sweep)."""
+    by_batch = results["ceiling"]["by_batch_size"]
+    size = results["config"]["max_batch_size"]
+    key = str(size) if str(size) in by_batch else max(by_batch, key=int)
+    return float(by_batch[key]["forward_s"])
+
+
+def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    ceiling = results["ceiling"]["images_per_s"]
+    e2e = results["e2e"]["images_per_s"]
+    naive = results["naive"]["images_per_s"]
+    out: dict[str, dict[str, Any]] = {
+        "e2e_vs_ceiling": {
+            "target": ">= 0.90",
+            "value": e2e / ceiling,
+            "met": e2e / ceiling >= 0.90,
+        },
+        "e2e_vs_naive": {"target": ">= 3.0", "value": e2e / naive, "met": e2e / naive >= 3.0},
+    }
+    half = results.get("latency", {}).get("0.5")
+    if half is not None:
+        limit = 3 * full_batch_forward_s(results)
+        out["p99_at_half_peak"] = {
+            "target": f"<= {limit:.3f} s (3 x one batch-{results['config']['max_batch_size']} "
+            "forward pass)",
+            "value": half["p99_s"],
+            "met": half["p99_s"] <= limit,
+        }
+    soak = results.get("soak")
+    if soak is not None:
+        marks = [p["checkpoint_s"] for p in soak["checkpoints"]]
+        out["rss_flat"] = {
+            "target": f"|RSS change| <= 5% between {marks[0]:g} s and {marks[-1]:g} s",
+            "value": soak["rss_change"],
+            "met": soak["flat"],
+        }
+    cost = results["metrics_cost"]["cpu_share_of_machine"]
+    out["metrics_cost"] = {"target": "< 0.02", "value": cost, "met": cost < 0.02}
+    return out
