@@ -1,0 +1,71 @@
+"""Stop and restart the broker mid-run: the service recovers by itself and loses nothing.
+
+This test needs a broker it may stop, so it starts its own KRaft broker on a
+separate port with deploy/kafka/kafkactl (the session broker stays untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streamer import corpus
+from streamer.tools.admin import create_topics
+from tests.conftest import KAFKACTL
+from tests.integration.helpers import produce, read_all, running_service, service_settings, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+PORT = int(os.environ.get("STREAMER_TEST_RESTART_PORT", "19392"))
+
+
+def kafkactl(command: str) -> None:
+    env = {**os.environ, "KAFKA_PORT": str(PORT)}
+    subprocess.run([str(KAFKACTL), command], check=True, timeout=180, env=env)
+
+
+@pytest.fixture
+def own_broker() -> Iterator[str]:
+    kafkactl("up")
+    try:
+        yield f"127.0.0.1:{PORT}"
+    finally:
+        kafkactl("down")
+
+
+async def test_service_survives_a_broker_restart(
+    own_broker: str, unique_name: str, samples: list[corpus.Sample], tmp_path: Path
+) -> None:
+    options = {"bootstrap_servers": own_broker}
+    settings = service_settings(own_broker, unique_name, max_batch_size=8)
+    await create_topics(options, [f"{unique_name}-{s}" for s in ("in", "out", "dlq")], 2)
+    first, second = samples[:30], samples[30:60]
+
+    async with running_service(settings) as service:
+        predicted = service.metrics.records_predicted.labels(settings.output_topic)
+        await produce(options, settings.input_topic, _messages(first))
+        await wait_for(lambda: predicted._value.get() >= 10, 300, "predictions before the restart")
+
+        await asyncio.to_thread(kafkactl, "down")  # mid-run: work is in flight
+        await asyncio.to_thread(kafkactl, "up")
+
+        await produce(options, settings.input_topic, _messages(second))
+        await wait_for(
+            lambda: predicted._value.get() >= len(first) + len(second),
+            600,
+            "every prediction after the restart",
+        )
+        assert service.state.value == "running"
+
+    ids = {json.loads(r.value)["id"] for r in await read_all(options, settings.output_topic)}
+    assert ids == {s.name for s in first + second}
+
+
+def _messages(images: list[corpus.Sample]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    return [(s.name.encode(), s.data, [("ce_id", s.name.encode())]) for s in images]
