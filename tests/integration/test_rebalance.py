@@ -1,0 +1,82 @@
+"""Instances in one consumer group share the input; killing one and adding another loses nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streamer import corpus
+from tests.integration.helpers import (
+    ServiceProcess,
+    committed_and_end,
+    produce,
+    read_all,
+    service_settings,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+async def test_kill_one_of_two_instances_then_add_a_third(
+    kafka_bootstrap: str,
+    kafka_options: dict[str, str],
+    unique_name: str,
+    new_topics,
+    samples: list[corpus.Sample],
+    tmp_path: Path,
+) -> None:
+    settings = service_settings(
+        kafka_bootstrap, unique_name, max_batch_size=8, inference_threads=1, max_in_flight=16
+    )
+    await new_topics("in", "out", "dlq", partitions=4)
+    images = samples[:120]
+    expected = {s.name for s in images}
+    await produce(
+        kafka_options,
+        settings.input_topic,
+        [(s.name.encode(), s.data, [("ce_id", s.name.encode())]) for s in images],
+    )
+    instances = {name: ServiceProcess(settings, tmp_path / f"{name}.log") for name in "abc"}
+
+    async def output_ids() -> set[str]:
+        records = await read_all(kafka_options, settings.output_topic)
+        return {json.loads(r.value)["id"] for r in records}
+
+    try:
+        instances["a"].start()
+        instances["b"].start()
+        await wait_for(lambda: _at_least(output_ids, 20), 600, "predictions from the group")
+        instances["a"].kill()
+        instances["c"].start()
+        await wait_for(lambda: _covers(output_ids, expected), 600, "every input predicted")
+        for name in "bc":
+            instances[name].check_alive()
+
+        async def committed_to_end() -> bool:
+            committed, end = await committed_and_end(
+                kafka_options, settings.group_id, settings.input_topic
+            )
+            return all(committed.get(p) == e for p, e in end.items())
+
+        await wait_for(committed_to_end, 120, "the group's offsets to reach the end")
+        assert instances["b"].terminate() == 0, instances["b"].log()
+        assert instances["c"].terminate() == 0, instances["c"].log()
+    finally:
+        for instance in instances.values():
+            if instance.process is not None and instance.process.poll() is None:
+                instance.kill()
+
+    ids = [json.loads(r.value)["id"] for r in await read_all(kafka_options, settings.output_topic)]
+    assert set(ids) == expected
+    print(f"inputs={len(expected)} outputs={len(ids)} duplicates={len(ids) - len(set(ids))} lost=0")
+
+
+async def _at_least(ids, n: int) -> bool:  # type: ignore[no-untyped-def]
+    return len(await ids()) >= n
+
+
+async def _covers(ids, expected: set[str]) -> bool:  # type: ignore[no-untyped-def]
+    return expected <= await ids()
