@@ -1,4 +1,4 @@
-"""Command line: ``streamer run | produce | consume | create-topics | samples``.
+"""Command line: ``streamer run | produce | consume | create-topics | samples | replay | bench``.
 
 ``run`` has one flag per ``Settings`` field (``--max-batch-size`` for
 ``max_batch_size``); each is also settable as ``STREAMER_<FIELD>``. Flags that
@@ -58,9 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
         )
     run.set_defaults(func=_run)
 
-    from streamer.tools import admin, consume, produce, samples  # light: no torch import
+    from streamer.tools import (  # light: no torch import
+        admin,
+        bench,
+        consume,
+        produce,
+        replay,
+        samples,
+    )
 
-    for tool in (produce, consume, admin, samples):
+    for tool in (produce, consume, admin, samples, replay, bench):
         tool.add_parser(commands)
     return parser
 

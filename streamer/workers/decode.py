@@ -47,7 +47,13 @@ def open_image(payload: bytes | memoryview, limits: DecodeLimits) -> Image.Image
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(payload), formats=list(limits.allowed_formats))
     except UnidentifiedImageError as exc:
-        reason = "unsupported-format" if _looks_like_other_image(payload) else "not-an-image"
+        sniffed = sniff_format(payload)
+        if sniffed is None:
+            reason = "not-an-image"
+        elif sniffed in limits.allowed_formats:
+            reason = "corrupt"  # the right signature, but Pillow could not parse it
+        else:
+            reason = "unsupported-format"
         raise DecodeError(f"not a {'/'.join(limits.allowed_formats)} image", reason=reason) from exc
     except Image.DecompressionBombError as exc:
         raise DecodeError(str(exc), reason="too-many-pixels") from exc
@@ -144,9 +150,25 @@ def _failure_reason(exc: BaseException) -> str:
     return "truncated" if "truncated" in str(exc).lower() else "corrupt"
 
 
-_OTHER_IMAGE_MAGIC = (b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00", b"8BPS")
+_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+)
 
 
-def _looks_like_other_image(payload: bytes | memoryview) -> bool:
+def sniff_format(payload: bytes | memoryview) -> str | None:
+    """The image format a payload's signature claims, or None when it looks like no image."""
     head = bytes(payload[:12])
-    return head.startswith(_OTHER_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] != b"WEBP")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    return None

@@ -340,6 +340,16 @@ def test_valid_image_outside_the_allow_list_is_unsupported(fmt: str) -> None:
     assert reason_of(encode(noise(64, 48), fmt)) == "unsupported-format"
 
 
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG"])
+def test_allowed_format_removed_from_the_allow_list_is_unsupported(fmt: str) -> None:
+    only_jpeg = DecodeLimits(allowed_formats=("JPEG",))
+    assert reason_of(encode(noise(64, 48), fmt), only_jpeg) == "unsupported-format"
+
+
+def test_allowed_signature_with_garbage_behind_it_is_corrupt() -> None:
+    assert reason_of(b"\x89PNG\r\n\x1a\n" + b"\x00" * 64) in {"corrupt", "truncated"}
+
+
 def test_jpeg_cut_in_its_scan_data_is_truncated() -> None:
     payload = encode(noise(320, 240), "JPEG", quality=90)
     assert reason_of(payload[: len(payload) // 2]) in {"truncated", "corrupt"}

@@ -1,0 +1,181 @@
+"""``streamer replay``: re-publish dead letters to the input topic once their cause is fixed.
+
+Each run reads the dead-letter topic from where the previous run of the same
+replay group stopped up to its end at the start of the run, and re-publishes the
+records that match the filters (``--reason``, ``--since``/``--until`` on the
+original record's timestamp) with their original value, key and headers; the
+``streamer-error-*``/``streamer-source-*`` headers are replaced by
+``streamer-replayed-from: <dlq topic>/<partition>/<offset>``.
+
+Nothing is lost or duplicated: the re-published records and the replay group's
+dead-letter offsets are committed in one Kafka transaction, so a crash mid-run
+replays the uncommitted part again and never repeats a committed one. Records
+that do not match the filters are passed over and the group moves past them;
+replay them later with another ``--replay-group`` (or ``--from-beginning``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
+
+from streamer.schemas import DLQ_HEADERS, DLQ_REASON, DLQ_SOURCE_TIMESTAMP, Headers, header
+from streamer.tools.common import add_connection_flags, client_options, tool_settings
+
+REPLAYED_FROM = "streamer-replayed-from"
+TRANSACTION_RECORDS = 500
+
+
+@dataclass(frozen=True)
+class ReplayFilter:
+    reasons: frozenset[str] = frozenset()
+    since_ms: int | None = None
+    until_ms: int | None = None
+
+    def matches(self, record: ConsumerRecord[bytes, bytes]) -> bool:
+        reason = (header(record.headers, DLQ_REASON) or b"").decode(errors="replace")
+        if self.reasons and reason not in self.reasons:
+            return False
+        raw = header(record.headers, DLQ_SOURCE_TIMESTAMP)
+        timestamp = int(raw) if raw and raw.isdigit() else record.timestamp
+        if self.since_ms is not None and timestamp < self.since_ms:
+            return False
+        return not (self.until_ms is not None and timestamp >= self.until_ms)
+
+
+@dataclass
+class ReplayReport:
+    read: int = 0
+    replayed: int = 0
+
+
+def replay_headers(record: ConsumerRecord[bytes, bytes]) -> Headers:
+    kept = [(k, v) for k, v in record.headers or () if k not in DLQ_HEADERS and k != REPLAYED_FROM]
+    origin = f"{record.topic}/{record.partition}/{record.offset}".encode()
+    return [*kept, (REPLAYED_FROM, origin)]
+
+
+async def replay(
+    options: dict[str, Any],
+    dlq_topic: str,
+    input_topic: str,
+    group: str,
+    filters: ReplayFilter,
+    from_beginning: bool = False,
+) -> ReplayReport:
+    consumer = AIOKafkaConsumer(
+        group_id=group,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset="earliest",
+        **options,
+    )
+    producer = AIOKafkaProducer(
+        transactional_id=f"{group}-{dlq_topic}",
+        acks="all",
+        enable_idempotence=True,
+        max_request_size=64 * 1024 * 1024,
+        **options,
+    )
+    await consumer.start()
+    await producer.start()
+    report = ReplayReport()
+    try:
+        if dlq_topic not in await consumer.topics():
+            raise SystemExit(f"streamer replay: no topic {dlq_topic!r}")
+        known = await producer.partitions_for(dlq_topic)  # waits for the topic's metadata
+        partitions = [TopicPartition(dlq_topic, p) for p in sorted(known)]
+        consumer.assign(partitions)
+        if from_beginning:
+            await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        while True:
+            remaining = [tp for tp in partitions if await consumer.position(tp) < end[tp]]
+            if not remaining:
+                return report
+            batch = await consumer.getmany(
+                *remaining, timeout_ms=1000, max_records=TRANSACTION_RECORDS
+            )
+            async with producer.transaction():
+                offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+                for tp, records in batch.items():
+                    for record in records:
+                        if record.offset >= end[tp]:
+                            break  # arrived after the run started: the next run's work
+                        report.read += 1
+                        offsets[tp] = OffsetAndMetadata(record.offset + 1, "")
+                        if filters.matches(record):
+                            await producer.send(
+                                input_topic,
+                                record.value,
+                                key=record.key,
+                                headers=replay_headers(record),
+                            )
+                            report.replayed += 1
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, group)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("replay", help="re-publish dead letters to the input topic")
+    add_connection_flags(parser)
+    parser.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        help="only this streamer-error-reason (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--since",
+        type=_timestamp_ms,
+        default=None,
+        help="only records whose original timestamp is at or after (ISO 8601)",
+    )
+    parser.add_argument(
+        "--until",
+        type=_timestamp_ms,
+        default=None,
+        help="only records whose original timestamp is before (ISO 8601)",
+    )
+    parser.add_argument(
+        "--replay-group",
+        default=None,
+        help="consumer group remembering what was replayed (default: <group_id>.replay)",
+    )
+    parser.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the beginning of the dead-letter topic",
+    )
+    parser.set_defaults(func=_main)
+
+
+def _timestamp_ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+def _main(args: argparse.Namespace) -> int:
+    s = tool_settings(args)
+    group = args.replay_group or f"{s.group_id}.replay"
+    filters = ReplayFilter(frozenset(args.reason), args.since, args.until)
+    options = client_options(args) | {"client_id": f"streamer-replay-{os.getpid()}"}
+    report = asyncio.run(
+        replay(options, s.dlq_topic, s.input_topic, group, filters, args.from_beginning)
+    )
+    print(
+        f"read {report.read} dead letters from {s.dlq_topic}, "
+        f"replayed {report.replayed} to {s.input_topic}",
+        file=sys.stdout,
+    )
+    return 0
