@@ -32,7 +32,9 @@ def run_ceiling(
         generator = torch.Generator().manual_seed(0)
         by_batch: dict[str, dict[str, float]] = {}
         for size in batch_sizes:
-            pixels = torch.randint(0, 256, (size, 3, 224, 224), dtype=torch.uint8, generator=generator)
+            pixels = torch.randint(
+                0, 256, (size, 3, 224, 224), dtype=torch.uint8, generator=generator
+            )
             classifier.classify(pixels)  # warm-up: allocator and kernel selection
             passes: list[float] = []
             started = time.perf_counter()

@@ -21,7 +21,11 @@ from streamer.bench.service import ChildProcess, MemorySampler, ServiceProcess
 
 
 async def measure_drain(
-    child: ChildProcess, options: dict[str, Any], output_topic: str, count: int, skip: int,
+    child: ChildProcess,
+    options: dict[str, Any],
+    output_topic: str,
+    count: int,
+    skip: int,
     timeout_s: float,
 ) -> dict[str, Any]:
     """Wait for ``count`` predictions from the running ``child``; their throughput."""
@@ -40,26 +44,42 @@ async def run_service_throughput(
     """(c): the service (already started, input pre-loaded) drains ``count`` records."""
     since = sampler.mark()
     result = await measure_drain(
-        service, options, service.settings.output_topic, count,
-        skip=service.settings.max_batch_size, timeout_s=max(600.0, count * 2.0),
+        service,
+        options,
+        service.settings.output_topic,
+        count,
+        skip=service.settings.max_batch_size,
+        timeout_s=max(600.0, count * 2.0),
     )
     result["memory"] = sampler.summary(since)
     return result
 
 
 async def run_naive(
-    options: dict[str, Any], input_topic: str, output_topic: str, group_id: str, weights: str,
-    count: int, log_path: Path,
+    options: dict[str, Any],
+    input_topic: str,
+    output_topic: str,
+    group_id: str,
+    weights: str,
+    count: int,
+    log_path: Path,
 ) -> dict[str, Any]:
     """(d): the naive baseline over the first ``count`` records of the same input topic."""
     naive = ChildProcess(
         [
-            sys.executable, "-m", "streamer.bench.naive",
-            "--bootstrap-servers", options["bootstrap_servers"],
-            "--input-topic", input_topic,
-            "--output-topic", output_topic,
-            "--group-id", group_id,
-            "--weights", weights,
+            sys.executable,
+            "-m",
+            "streamer.bench.naive",
+            "--bootstrap-servers",
+            options["bootstrap_servers"],
+            "--input-topic",
+            input_topic,
+            "--output-topic",
+            output_topic,
+            "--group-id",
+            group_id,
+            "--weights",
+            weights,
         ],
         dict(os.environ),
         log_path,

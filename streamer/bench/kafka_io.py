@@ -109,19 +109,18 @@ async def produce_paced(
     return PacedRun(len(futures), first_ms, last_ms, len(futures) / max(elapsed, 1e-9))
 
 
-async def topic_size(options: dict[str, Any], topic: str) -> int:
-    """Records in ``topic`` (sum of end offsets; nothing is ever deleted in a run)."""
-    consumer = AIOKafkaConsumer(**options)
-    await consumer.start()
-    try:
-        partitions = consumer.partitions_for_topic(topic)
-        while partitions is None:
-            await consumer.force_metadata_update()
-            partitions = consumer.partitions_for_topic(topic)
-        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
-        return sum(ends.values())
-    finally:
-        await consumer.stop()
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    """The topic's partitions, from fresh metadata (the consumer subscribes to nothing)."""
+    client = consumer._client  # aiokafka has no public "refresh metadata" on the consumer
+    await client.force_metadata_update()
+    return set(client.cluster.partitions_for_topic(topic) or ())
+
+
+async def _size(consumer: AIOKafkaConsumer, topic: str) -> int:
+    """Records in ``topic`` (sum of end offsets; nothing is deleted during a run)."""
+    partitions = await partitions_of(consumer, topic)
+    ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+    return sum(ends.values())
 
 
 async def wait_for_count(
@@ -132,16 +131,21 @@ async def wait_for_count(
     check: Callable[[], None] = lambda: None,
     interval_s: float = 1.0,
 ) -> float:
-    """Wait until ``topic`` holds ``count`` records; return when (monotonic). ``check`` may raise."""
+    """Wait until ``topic`` holds ``count`` records; return the monotonic time it did."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        check()
-        have = await topic_size(options, topic)
-        if have >= count:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{topic}: {have} of {count} records after {timeout_s} s")
-        await asyncio.sleep(interval_s)
+    consumer = AIOKafkaConsumer(**options)
+    await consumer.start()
+    try:
+        while True:
+            check()
+            have = await _size(consumer, topic)
+            if have >= count:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: {have} of {count} records after {timeout_s} s")
+            await asyncio.sleep(interval_s)
+    finally:
+        await consumer.stop()
 
 
 @dataclass(frozen=True)
@@ -157,7 +161,9 @@ async def read_outputs(options: dict[str, Any], topic: str) -> list[Output]:
     async for record in read_records(options, topic, timeout_s=120.0):
         body = json.loads(record.value or b"{}")
         outputs.append(
-            Output(record.timestamp, int(body["source"]["timestamp"]), int(body.get("batch_size", 1)))
+            Output(
+                record.timestamp, int(body["source"]["timestamp"]), int(body.get("batch_size", 1))
+            )
         )
     outputs.sort(key=lambda o: o.appended_ms)
     return outputs

@@ -11,6 +11,7 @@ are wall-clock milliseconds from this machine. Records sent in the first
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from streamer.bench.kafka_io import produce_paced, read_outputs, wait_for_count
@@ -21,7 +22,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank percentile of already sorted values."""
     if not sorted_values:
         return 0.0
-    rank = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[rank]
 
 
@@ -40,12 +41,16 @@ async def run_latency(
     since = sampler.mark()
     run = await produce_paced(options, s.input_topic, payloads, rate_per_s, duration_s)
     await wait_for_count(
-        options, s.output_topic, expected_before + run.sent, timeout_s=600.0,
+        options,
+        s.output_topic,
+        expected_before + run.sent,
+        timeout_s=600.0,
         check=service.check_alive,
     )
     first_counted = run.first_ms + int(warmup_s * 1000)
     outputs = [
-        o for o in await read_outputs(options, s.output_topic)
+        o
+        for o in await read_outputs(options, s.output_topic)
         if first_counted <= o.source_ms <= run.last_ms
     ]
     latencies = sorted((o.appended_ms - o.source_ms) / 1000 for o in outputs)

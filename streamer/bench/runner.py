@@ -4,7 +4,8 @@ Order: (a) ceiling and (b) engine in this process; then fresh topics, the input
 pre-loaded once; (d) the naive baseline drains the first records; then the
 service starts as a subprocess and (c) drains the whole backlog, followed by the
 steady-rate latency phases and the RSS soak on the same running service; last,
-the metrics cost. Nothing heavy runs concurrently with a measurement.
+the metrics cost. Nothing else the benchmark starts runs during a measurement;
+other work on the machine shows in the 1-minute load average kept after each phase.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from streamer.bench.workload import (
     run_prefix,
     service_settings,
 )
+from streamer.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,11 @@ def machine() -> dict[str, Any]:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         model = next(
-            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")),
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in lscpu.splitlines()
+                if ln.startswith("Model name")
+            ),
             "",
         )
     except (OSError, subprocess.SubprocessError):
@@ -66,17 +72,15 @@ def machine() -> dict[str, Any]:
 
 
 async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    prefix = run_prefix()
-    settings = service_settings(config, prefix, metrics_port=free_port())
+    await asyncio.to_thread(results_dir.mkdir, parents=True, exist_ok=True)
+    settings = service_settings(config, run_prefix(), metrics_port=free_port())
     threads = inference_threads(settings)
     corpus = payloads(config.corpus_size)
-    options = {"bootstrap_servers": config.bootstrap_servers}
     batch_sizes = tuple(sorted({*config.ceiling_batch_sizes, config.max_batch_size}))
     results: dict[str, Any] = {
         "machine": machine(),
         "config": dataclasses.asdict(config),
-        "prefix": prefix,
+        "prefix": settings.group_id,
         "service_settings": settings.model_dump(mode="json", exclude={"sasl_password"}),
         "corpus": {
             "images": len(corpus),
@@ -85,12 +89,36 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
-    results["ceiling"] = run_ceiling(
-        config.weights, config.precision, threads, batch_sizes, config.ceiling_min_s
-    )
-    log.info("bench (b) engine records=%d", config.engine_records)
-    results["engine"] = await run_engine(settings, corpus, config.engine_records)
+    stages = set(config.stages)
+    if "ceiling" in stages:
+        log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
+        results["ceiling"] = run_ceiling(
+            config.weights, config.precision, threads, batch_sizes, config.ceiling_min_s
+        )
+        results["ceiling"]["load_average_after"] = os.getloadavg()
+    if "engine" in stages:
+        log.info("bench (b) engine records=%d", config.engine_records)
+        results["engine"] = await run_engine(settings, corpus, config.engine_records)
+        results["engine"]["load_average_after"] = os.getloadavg()
+    if stages & {"naive", "e2e"}:
+        await _kafka_stages(config, settings, corpus, stages, results, results_dir)
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["targets"] = verdicts(results)
+    return results
+
+
+async def _kafka_stages(
+    config: BenchConfig,
+    settings: Settings,
+    corpus: list[bytes],
+    stages: set[str],
+    results: dict[str, Any],
+    results_dir: Path,
+) -> None:
+    """(d), then (c), latency and soak on one running service."""
+    prefix = settings.group_id
+    options = {"bootstrap_servers": config.bootstrap_servers}
 
     input_topic, output_topic = settings.input_topic, settings.output_topic
     naive_out = f"{prefix}-naive-out"
@@ -98,11 +126,20 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         options, [input_topic, settings.dlq_topic], [output_topic, naive_out], config.partitions
     )
     await preload(options, input_topic, corpus, config.e2e_records)
-    log.info("bench (d) naive records=%d", config.naive_records)
-    results["naive"] = await run_naive(
-        options, input_topic, naive_out, f"{prefix}-naive", config.weights,
-        config.naive_records, results_dir / "naive.log",
-    )
+    if "naive" in stages:
+        log.info("bench (d) naive records=%d", config.naive_records)
+        results["naive"] = await run_naive(
+            options,
+            input_topic,
+            naive_out,
+            f"{prefix}-naive",
+            config.weights,
+            config.naive_records,
+            results_dir / "naive.log",
+        )
+        results["naive"]["load_average_after"] = os.getloadavg()
+    if "e2e" not in stages:
+        return
 
     service = ServiceProcess(settings, results_dir / "service.log")
     service.start()
@@ -113,22 +150,38 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         log.info("bench (c) end to end records=%d", config.e2e_records)
         results["e2e"] = await run_service_throughput(service, sampler, options, config.e2e_records)
         results["e2e"]["ready_s"] = ready_s
+        results["e2e"]["load_average_after"] = os.getloadavg()
         peak = results["e2e"]["images_per_s"]
         produced = config.e2e_records
         results["latency"] = {}
-        for fraction in config.latency_fractions:
+        for fraction in config.latency_fractions if "latency" in stages else ():
             log.info("bench latency at %.0f%% of %.2f/s", fraction * 100, peak)
             phase = await run_latency(
-                service, sampler, options, corpus, fraction * peak,
-                config.latency_s, config.latency_warmup_s, produced,
+                service,
+                sampler,
+                options,
+                corpus,
+                fraction * peak,
+                config.latency_s,
+                config.latency_warmup_s,
+                produced,
             )
             produced = phase["produced_total"]
+            phase["load_average_after"] = os.getloadavg()
             results["latency"][f"{fraction:g}"] = phase
-        if not config.skip_soak:
-            log.info("bench soak %.0f s at %.0f%% of peak", config.soak_s, config.soak_fraction * 100)
+        if "soak" in stages and not config.skip_soak:
+            log.info(
+                "bench soak %.0f s at %.0f%% of peak", config.soak_s, config.soak_fraction * 100
+            )
             results["soak"] = await run_soak(
-                service, sampler, options, corpus, config.soak_fraction * peak,
-                config.soak_s, config.soak_samples_s, produced,
+                service,
+                sampler,
+                options,
+                corpus,
+                config.soak_fraction * peak,
+                config.soak_s,
+                config.soak_samples_s,
+                produced,
             )
         results["service_memory"] = sampler.summary()
         results["memory_series"] = [dataclasses.asdict(s) for s in sampler.samples]
@@ -138,7 +191,3 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
     results["metrics_cost"] = metrics_cost.measure(
         results["e2e"]["images_per_s"], config.max_batch_size
     )
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    results["targets"] = verdicts(results)
-    return results

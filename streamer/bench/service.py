@@ -113,6 +113,7 @@ class MemorySample:
     processes: int
     shm_reserved_bytes: int
     shm_allocated_bytes: int
+    load1: float  # the machine's 1-minute load average (other work shows here)
 
 
 @dataclass
@@ -164,7 +165,7 @@ class MemorySampler:
                 rss += info.rss
                 pss += getattr(info, "pss", info.rss)
         reserved, allocated = shm_usage(self.pid)
-        return MemorySample(t, rss, pss, len(tree), reserved, allocated)
+        return MemorySample(t, rss, pss, len(tree), reserved, allocated, os.getloadavg()[0])
 
     def summary(self, since_s: float = 0.0) -> dict[str, Any]:
         chosen = [s for s in self.samples if s.t_s >= since_s] or self.samples

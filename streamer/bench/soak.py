@@ -32,12 +32,15 @@ async def run_soak(
     run = await produce_paced(options, s.input_topic, payloads, rate_per_s, duration_s)
     await sampler.sample_now()
     await wait_for_count(
-        options, s.output_topic, expected_before + run.sent, timeout_s=600.0,
+        options,
+        s.output_topic,
+        expected_before + run.sent,
+        timeout_s=600.0,
         check=service.check_alive,
     )
     window = [x for x in sampler.samples if start <= x.t_s <= start + duration_s + 1]
     series = [
-        {"t_s": x.t_s - start, "rss_bytes": x.rss_bytes, "pss_bytes": x.pss_bytes}
+        {"t_s": x.t_s - start, "rss_bytes": x.rss_bytes, "pss_bytes": x.pss_bytes, "load1": x.load1}
         for x in window
     ]
     points = []

@@ -14,19 +14,17 @@ def full_batch_forward_s(results: dict[str, Any]) -> float:
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    ceiling = results["ceiling"]["images_per_s"]
-    e2e = results["e2e"]["images_per_s"]
-    naive = results["naive"]["images_per_s"]
-    out: dict[str, dict[str, Any]] = {
-        "e2e_vs_ceiling": {
-            "target": ">= 0.90",
-            "value": e2e / ceiling,
-            "met": e2e / ceiling >= 0.90,
-        },
-        "e2e_vs_naive": {"target": ">= 3.0", "value": e2e / naive, "met": e2e / naive >= 3.0},
-    }
+    """Each target the run has the figures for (a partial run judges fewer)."""
+    out: dict[str, dict[str, Any]] = {}
+    e2e = results.get("e2e", {}).get("images_per_s")
+    if e2e is not None and "ceiling" in results:
+        ratio = e2e / results["ceiling"]["images_per_s"]
+        out["e2e_vs_ceiling"] = {"target": ">= 0.90", "value": ratio, "met": ratio >= 0.90}
+    if e2e is not None and "naive" in results:
+        ratio = e2e / results["naive"]["images_per_s"]
+        out["e2e_vs_naive"] = {"target": ">= 3.0", "value": ratio, "met": ratio >= 3.0}
     half = results.get("latency", {}).get("0.5")
-    if half is not None:
+    if half is not None and "ceiling" in results:
         limit = 3 * full_batch_forward_s(results)
         out["p99_at_half_peak"] = {
             "target": f"<= {limit:.3f} s (3 x one batch-{results['config']['max_batch_size']} "
@@ -38,10 +36,11 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if soak is not None:
         marks = [p["checkpoint_s"] for p in soak["checkpoints"]]
         out["rss_flat"] = {
-            "target": f"|RSS change| <= 5% between {marks[0]:g} s and {marks[-1]:g} s",
+            "target": f"abs(RSS change) <= 5% between {marks[0]:g} s and {marks[-1]:g} s",
             "value": soak["rss_change"],
             "met": soak["flat"],
         }
-    cost = results["metrics_cost"]["cpu_share_of_machine"]
-    out["metrics_cost"] = {"target": "< 0.02", "value": cost, "met": cost < 0.02}
+    if "metrics_cost" in results:
+        cost = results["metrics_cost"]["cpu_share_of_machine"]
+        out["metrics_cost"] = {"target": "< 0.02", "value": cost, "met": cost < 0.02}
     return out

@@ -6,13 +6,14 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from streamer import corpus
 from streamer.config import Settings
 
 CORPUS_SIZES = ((500, 375), (224, 224))
+STAGES = ("ceiling", "engine", "naive", "e2e", "latency", "soak")
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,10 @@ class BenchConfig:
     partitions: int = 3
     corpus_size: int = 64  # distinct images, cycled
     ceiling_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    ceiling_min_s: float = 4.0  # per batch size, after one warm-up pass
-    engine_records: int = 600
-    e2e_records: int = 600
-    naive_records: int = 120
+    ceiling_min_s: float = 3.0  # per batch size, after one warm-up pass
+    engine_records: int = 400
+    e2e_records: int = 480
+    naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)
     latency_s: float = 60.0
     latency_warmup_s: float = 5.0
@@ -41,6 +42,7 @@ class BenchConfig:
     soak_samples_s: tuple[float, ...] = (120.0, 600.0)
     soak_fraction: float = 0.5
     skip_soak: bool = False
+    stages: tuple[str, ...] = STAGES  # latency and soak need e2e (its peak sets their rate)
 
     @classmethod
     def full(cls, **overrides: Any) -> BenchConfig:
@@ -66,7 +68,9 @@ class BenchConfig:
 
 def payloads(count: int, seed: int = 0) -> list[bytes]:
     """The fixed corpus: real photos (then synthetic fill) as JPEG at 500x375 and 224x224."""
-    return [s.data for s in corpus.generate(count, seed=seed, sizes=CORPUS_SIZES, formats=("JPEG",))]
+    return [
+        s.data for s in corpus.generate(count, seed=seed, sizes=CORPUS_SIZES, formats=("JPEG",))
+    ]
 
 
 def run_prefix() -> str:

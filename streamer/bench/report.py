@@ -1,0 +1,180 @@
+"""Write a run's results: ``results.json``, PNG plots (Agg backend) and a markdown table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+def write(results: dict[str, Any], directory: Path) -> list[Path]:
+    """Every output file of a run; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / "results.json", directory / "summary.md"]
+    paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    paths[1].write_text(summary_table(results))
+    if {"ceiling", "engine", "e2e", "naive"} <= set(results):
+        paths.append(plot_throughput(results, directory / "throughput.png"))
+    if results.get("latency") and any(p["latencies_s"] for p in results["latency"].values()):
+        paths.append(plot_latency(results, directory / "latency_cdf.png"))
+    if results.get("memory_series"):
+        paths.append(plot_memory(results, directory / "memory.png"))
+    return paths
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    rows = [
+        (
+            "machine",
+            f"{m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / GIB:.1f} GiB RAM, "
+            f"GPU: {'yes' if m['gpu'] else 'no'}",
+        ),
+        (
+            "precision / weights",
+            f"{results['config']['precision']} / {results['config']['weights']}",
+        ),
+    ]
+    c = results.get("ceiling")
+    if c:
+        rows.append(
+            (
+                "(a) model ceiling",
+                f"{c['images_per_s']:.2f} img/s "
+                f"(batch {c['best_batch_size']}, {c['threads']} threads)",
+            )
+        )
+    for key, label in (
+        ("engine", "(b) engine, no Kafka"),
+        ("e2e", "(c) end to end, Kafka"),
+        ("naive", "(d) naive baseline"),
+    ):
+        if key in results:
+            rows.append((label, f"{results[key]['images_per_s']:.2f} img/s"))
+    for fraction, phase in results.get("latency", {}).items():
+        rows.append(
+            (
+                f"latency at {float(fraction) * 100:.0f}% of peak "
+                f"({phase['achieved_per_s']:.2f} rec/s)",
+                f"p50 {phase['p50_s']:.3f} s, p95 {phase['p95_s']:.3f} s, "
+                f"p99 {phase['p99_s']:.3f} s (n={phase['counted']})",
+            )
+        )
+    mem = results.get("service_memory", {})
+    if mem:
+        rows.append(
+            (
+                "service memory (peak, incl. workers)",
+                f"RSS {mem['peak_rss_bytes'] / MIB:.0f} MiB, "
+                f"PSS {mem['peak_pss_bytes'] / MIB:.0f} MiB",
+            )
+        )
+        rows.append(
+            (
+                "shared memory",
+                f"{mem['shm_reserved_bytes'] / MIB:.0f} MiB reserved, "
+                f"{mem['peak_shm_allocated_bytes'] / MIB:.1f} MiB touched (peak)",
+            )
+        )
+    soak = results.get("soak")
+    if soak:
+        cps = soak["checkpoints"]
+        rows.append(
+            (
+                f"RSS soak ({soak['duration_s']:.0f} s at {soak['achieved_per_s']:.2f} rec/s)",
+                ", ".join(f"{p['checkpoint_s']:g} s: {p['rss_bytes'] / MIB:.0f} MiB" for p in cps)
+                + f" ({soak['rss_change'] * 100:+.1f}%)",
+            )
+        )
+    cost = results.get("metrics_cost")
+    if cost:
+        rows.append(
+            (
+                "metrics cost",
+                f"{cost['per_record_us']:.1f} us/record, scrape {cost['scrape_ms']:.2f} ms; "
+                f"{cost['cpu_share_of_machine'] * 100:.3f}% of the machine at (c)",
+            )
+        )
+    lines = ["| measure | result |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "| target | value | met |", "|---|---|---|"]
+    for name, t in results["targets"].items():
+        met = "yes" if t["met"] else "no"
+        lines.append(f"| {name}: {t['target']} | {t['value']:.4g} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_throughput(results: dict[str, Any], path: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    stages = {
+        "(a) ceiling": results["ceiling"]["images_per_s"],
+        "(b) engine": results["engine"]["images_per_s"],
+        "(c) end to end": results["e2e"]["images_per_s"],
+        "(d) naive": results["naive"]["images_per_s"],
+    }
+    bars = left.bar(list(stages), list(stages.values()), color=["#777", "#4a7", "#27a", "#c54"])
+    left.bar_label(bars, fmt="%.1f")
+    left.set_ylabel("images / s")
+    left.set_title("Throughput by stage")
+    by_batch = results["ceiling"]["by_batch_size"]
+    sizes = sorted(by_batch, key=int)
+    right.plot([int(s) for s in sizes], [by_batch[s]["images_per_s"] for s in sizes], "o-")
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel("images / s")
+    right.set_title("Model ceiling by batch size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for fraction, phase in results["latency"].items():
+        values = phase["latencies_s"]
+        if not values:
+            continue
+        ys = [(i + 1) / len(values) for i in range(len(values))]
+        ax.step(
+            values,
+            ys,
+            where="post",
+            label=f"{float(fraction) * 100:.0f}% of peak ({phase['achieved_per_s']:.1f}/s)",
+        )
+    ax.set_xlabel("end-to-end latency (s): input CreateTime -> prediction appended")
+    ax.set_ylabel("fraction of records")
+    ax.set_title("End-to-end latency CDF")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> Path:
+    series = results["memory_series"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ts = [s["t_s"] for s in series]
+    ax.plot(ts, [s["rss_bytes"] / MIB for s in series], label="RSS (sum over processes)")
+    ax.plot(ts, [s["pss_bytes"] / MIB for s in series], label="PSS (sum)")
+    ax.plot(ts, [s["shm_allocated_bytes"] / MIB for s in series], label="/dev/shm touched")
+    ax.set_xlabel("seconds since the service started")
+    ax.set_ylabel("MiB")
+    ax.set_title("Service memory")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

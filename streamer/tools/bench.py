@@ -1,0 +1,84 @@
+"""``streamer bench``: measure ceiling, engine, end-to-end, naive baseline, latency and memory.
+
+Writes ``results.json``, PNG plots and ``summary.md`` to ``--results`` (default
+``results/bench-<timestamp>``). Needs a Kafka broker; topics are fresh per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from streamer import logs
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("bench", help="run the benchmarks (see docs/BENCHMARKS.md)")
+    parser.add_argument("--quick", action="store_true", help="small corpus, short phases and soak")
+    parser.add_argument("--results", type=Path, default=None, help="results folder")
+    parser.add_argument("--skip-soak", action="store_true", help="leave out the RSS soak")
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=None)
+    parser.add_argument("--max-in-flight", type=int, default=None)
+    parser.add_argument("--decode-workers", type=int, default=None)
+    parser.add_argument("--inference-threads", type=int, default=None)
+    parser.add_argument("--e2e-records", type=int, default=None)
+    parser.add_argument("--naive-records", type=int, default=None)
+    parser.add_argument("--latency-s", type=float, default=None, help="seconds per latency phase")
+    parser.add_argument("--soak-s", type=float, default=None, help="soak duration (full: 600)")
+    parser.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated subset of ceiling,engine,naive,e2e,latency,soak (default: all)",
+    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.set_defaults(func=_main)
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    from streamer.bench.workload import BenchConfig
+
+    overrides: dict[str, Any] = {
+        "bootstrap_servers": args.bootstrap_servers,
+        "precision": args.precision,
+        "skip_soak": args.skip_soak,
+    }
+    for name in (
+        "max_batch_size",
+        "max_batch_delay_ms",
+        "max_in_flight",
+        "decode_workers",
+        "inference_threads",
+        "e2e_records",
+        "naive_records",
+        "latency_s",
+        "soak_s",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    if args.stages:
+        overrides["stages"] = tuple(x.strip() for x in args.stages.split(",") if x.strip())
+    if args.soak_s is not None:
+        overrides["soak_samples_s"] = (min(120.0, args.soak_s / 5), args.soak_s)
+    return BenchConfig.quick(**overrides) if args.quick else BenchConfig.full(**overrides)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from streamer.bench import report, runner  # imports torch and matplotlib: only here
+
+    logs.configure(args.log_level)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    config = config_from_args(args)
+    directory = args.results or Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = asyncio.run(runner.run(config, directory))
+    for path in report.write(results, directory):
+        print(f"wrote {path}")
+    print((directory / "summary.md").read_text())
+    return 0
