@@ -109,4 +109,3 @@ async def test_metrics_exports_every_streamer_metric_in_text_format(
     assert value("streamer_model_info", "streamer_model_info", name="resnet18") == 1.0
     assert value("streamer_shared_memory_bytes", "streamer_shared_memory_bytes") > 0
     assert (not_found.status, not_allowed.status) == (404, 405)
-
