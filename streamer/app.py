@@ -49,6 +49,7 @@ class Service:
         self.metrics = metrics or Metrics()
         self.state = State.CREATED
         self.loop_lag = LoopLagMonitor(observe=self.metrics.loop_lag.observe)
+        self.metrics.declare_topics(settings.input_topic, settings.output_topic, settings.dlq_topic)
         self.engine = Engine(settings, self.metrics)
         self._permits = asyncio.Semaphore(settings.max_in_flight)
         self._tracker = OffsetTracker()

@@ -73,3 +73,21 @@ class RetriesExhausted(RecordError):
 
     stage = "inference"
     reason = "retries-exhausted"
+
+
+# Every ``reason`` a dead letter can carry (README "Message contract"); exported as
+# zero-valued series from the start so that rate() sees the first dead letter.
+DEAD_LETTER_REASONS = (
+    "empty",
+    "not-an-image",
+    "unsupported-format",
+    "truncated",
+    "corrupt",
+    "too-many-pixels",
+    "extreme-aspect-ratio",
+    "invalid-dimensions",
+    "payload-too-large",
+    "decode-failed",
+    "worker-crashed",
+    "inference-failed",
+)

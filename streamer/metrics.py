@@ -153,5 +153,18 @@ class Metrics:
         )
         self.model = Info("streamer_model", "The model being served.", registry=r)
 
+    def declare_topics(self, input_topic: str, output_topic: str, dlq_topic: str) -> None:
+        """Export every counter series at 0 before its first event, so rate() counts it."""
+        from streamer.errors import DEAD_LETTER_REASONS
+
+        self.records_consumed.labels(input_topic)
+        self.records_predicted.labels(output_topic)
+        for reason in DEAD_LETTER_REASONS:
+            self.records_dead_lettered.labels(dlq_topic, reason)
+        for topic in (output_topic, dlq_topic):
+            self.produce_errors.labels(topic)
+        for result in ("ok", "error", "rebalance"):
+            self.commits.labels(result)
+
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(max(seconds, 0.0))

@@ -141,6 +141,18 @@ class Intake:
             await consumer.stop()
             log.info("consumer stopped")
 
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        """Seed lag with the group's committed offsets, so a stall shows from the start."""
+        for tp in assigned:
+            try:
+                committed = await self.consumer.committed(tp)
+            except KafkaError as exc:
+                log.warning("could not read committed offset partition=%s error=%r", tp, exc)
+                continue
+            if committed is not None:
+                self._tracker.seed_committed(tp, committed)
+        self.update_lag()
+
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
@@ -163,3 +175,4 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        await self._intake._assigned(set(assigned))

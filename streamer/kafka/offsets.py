@@ -65,6 +65,12 @@ class OffsetTracker:
         state = self._partitions.get(tp)
         return state.committed if state else None
 
+    def seed_committed(self, tp: TopicPartition, offset: int) -> None:
+        """Record the group's committed offset found in Kafka on assignment (for lag)."""
+        state = self._partitions.setdefault(tp, _PartitionState())
+        if state.committed is None:
+            state.committed = offset
+
     def committable(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         """Offsets that moved since the last ``mark_committed``, per partition."""
         result = {}

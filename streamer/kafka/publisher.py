@@ -38,8 +38,6 @@ class Publisher:
         self._metrics = metrics
         self._producer: AIOKafkaProducer | None = None
         self._closing = asyncio.Event()
-        for topic in (settings.output_topic, settings.dlq_topic):
-            metrics.produce_errors.labels(topic)  # exported as 0 from the start
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(
