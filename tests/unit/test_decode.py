@@ -6,7 +6,7 @@ Every payload is built in memory with Pillow, numpy or by hand (the PNG headers)
 from __future__ import annotations
 
 import io
-import struct
+import os
 import threading
 import time
 import zlib
@@ -25,6 +25,7 @@ from torchvision.transforms import functional as TF
 
 from streamer.errors import DecodeError
 from streamer.workers.decode import DecodeLimits, decode, decode_into
+from tests.hostile import grey_png, zeros_zlib_stream
 
 OUT_SHAPE = (3, 224, 224)
 ORIENTATION = 0x0112  # EXIF tag
@@ -54,42 +55,6 @@ def halves(
     image = Image.new(mode, (width, height), left)
     image.paste(right, (width // 2, 0, width, height))
     return image
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def grey_png(width: int, height: int, idat: bytes) -> bytes:
-    """A hand-made 8-bit greyscale PNG: the header says what we like, whatever IDAT holds."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", idat)
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def zeros_zlib_stream(width: int, height: int, rows_per_block: int = 1000) -> bytes:
-    """The zlib stream of ``height`` all-zero 8-bit rows, without compressing them all.
-
-    One block of rows is deflated once, ending in a full flush (no back-references
-    across it), then repeated: ~400 MB of zeros for the price of 20 MB.
-    """
-    assert height % rows_per_block == 0
-    block = bytes((width + 1) * rows_per_block)  # each row: filter byte 0 + pixels
-    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
-    segment = deflate.compress(block) + deflate.flush(zlib.Z_FULL_FLUSH)
-    adler = 1
-    for _ in range(height // rows_per_block):
-        adler = zlib.adler32(block, adler)
-    return (
-        b"\x78\xda"
-        + segment * (height // rows_per_block)
-        + deflate.flush()
-        + struct.pack(">I", adler)
-    )
 
 
 @contextmanager
@@ -489,11 +454,14 @@ def mutated_seeds(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+# CI runs a bounded, repeatable fuzz (200 fixed examples); `make fuzz` sets
+# STREAMER_FUZZ_EXAMPLES high and lets Hypothesis pick new inputs each run.
+FUZZ_EXAMPLES = int(os.environ.get("STREAMER_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
-    max_examples=200,
+    max_examples=FUZZ_EXAMPLES,
     deadline=None,
     database=None,
-    derandomize=True,
+    derandomize="STREAMER_FUZZ_EXAMPLES" not in os.environ,
     suppress_health_check=[HealthCheck.too_slow],
 )
 
