@@ -15,7 +15,7 @@ import mimetypes
 import secrets
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,16 @@ def image_headers(path: Path) -> Headers:
     ]
 
 
-async def produce_files(
-    options: dict[str, Any], topic: str, files: list[Path], progress: bool = True
+Message = tuple[bytes | None, bytes, Headers]  # key, value, headers
+
+
+async def publish(
+    options: dict[str, Any],
+    topic: str,
+    messages: Iterable[Message],
+    on_ack: Callable[[int], None] | None = None,
 ) -> int:
+    """Send every message with an idempotent acks=all producer; return once all are acked."""
     producer = AIOKafkaProducer(
         acks="all",
         enable_idempotence=True,
@@ -71,22 +78,29 @@ async def produce_files(
     )
     await producer.start()
     try:
-        pending = []
-        for path in files:
-            pending.append(
-                await producer.send(
-                    topic, path.read_bytes(), key=path.name.encode(), headers=image_headers(path)
-                )
-            )
-        for done, future in enumerate(pending, start=1):
+        pending = [
+            await producer.send(topic, value, key=key, headers=headers)
+            for key, value, headers in messages
+        ]
+        for acked, future in enumerate(pending, start=1):
             await future
-            if progress:
-                _progress(done, len(files))
+            if on_ack is not None:
+                on_ack(acked)
     finally:
         await producer.stop()
+    return len(pending)
+
+
+async def produce_files(
+    options: dict[str, Any], topic: str, files: list[Path], progress: bool = True
+) -> int:
+    messages = ((p.name.encode(), p.read_bytes(), image_headers(p)) for p in files)
+    count = await publish(
+        options, topic, messages, (lambda n: _progress(n, len(files))) if progress else None
+    )
     if progress:
         print(file=sys.stderr)
-    return len(files)
+    return count
 
 
 def _progress(done: int, total: int, width: int = 30) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -13,35 +14,25 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from aiokafka import AIOKafkaProducer, ConsumerRecord
+from aiokafka import ConsumerRecord
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from streamer.app import Service
 from streamer.config import Settings
 from streamer.tools.consume import read_records
+from streamer.tools.produce import Message, publish
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
-Message = tuple[bytes | None, bytes, list[tuple[str, bytes]]]  # key, value, headers
 
 
 async def produce(options: dict[str, Any], topic: str, messages: list[Message]) -> None:
-    producer = AIOKafkaProducer(
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=5,
-        max_request_size=4 * 1024 * 1024,
-        **options,
-    )
-    await producer.start()
-    try:
-        futures = [
-            await producer.send(topic, value, key=key, headers=headers)
-            for key, value, headers in messages
-        ]
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    await publish(options, topic, messages)
+
+
+async def output_ids(options: dict[str, Any], topic: str) -> set[str]:
+    """The ``id`` of every prediction currently in ``topic``."""
+    return {json.loads(r.value)["id"] for r in await read_all(options, topic)}
 
 
 async def read_exactly(

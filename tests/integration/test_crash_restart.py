@@ -11,6 +11,7 @@ from streamer import corpus
 from streamer.workers.shm import SHM_DIR
 from tests.integration.helpers import (
     ServiceProcess,
+    output_ids,
     produce,
     read_all,
     service_settings,
@@ -42,25 +43,27 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
 
     service = ServiceProcess(settings, tmp_path / "service.log")
 
-    async def output_ids() -> set[str]:
+    async def predicted() -> set[str]:
         service.check_alive()
-        return {
-            json.loads(r.value)["id"] for r in await read_all(kafka_options, settings.output_topic)
-        }
+        return await output_ids(kafka_options, settings.output_topic)
+
+    async def at_least_ten() -> bool:
+        return len(await predicted()) >= 10
+
+    async def all_predicted() -> bool:
+        return expected <= await predicted()
 
     service.start()
     try:
         # Kill once some, but not all, predictions are out.
-        await wait_for(lambda: _count_at_least(output_ids, 10), 300, "the first predictions")
+        await wait_for(at_least_ten, 300, "the first predictions")
         killed_pid = service.process.pid if service.process else -1
         service.kill()
-        seen_before_restart = {
-            json.loads(r.value)["id"] for r in await read_all(kafka_options, settings.output_topic)
-        }
+        seen_before_restart = await output_ids(kafka_options, settings.output_topic)
         assert 0 < len(seen_before_restart) < len(expected), "the kill should land mid-stream"
 
         service.start()
-        await wait_for(lambda: _covers(output_ids, expected), 600, "every input to have an output")
+        await wait_for(all_predicted, 600, "every input to have an output")
         assert service.terminate() == 0, service.log()
     finally:
         if service.process and service.process.poll() is None:
@@ -78,11 +81,3 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
         if p.name.split("-")[1] in (str(killed_pid), str(service.process.pid))
     ]
     assert leftovers == []
-
-
-async def _count_at_least(ids, n: int) -> bool:  # type: ignore[no-untyped-def]
-    return len(await ids()) >= n
-
-
-async def _covers(ids, expected: set[str]) -> bool:  # type: ignore[no-untyped-def]
-    return expected <= await ids()

@@ -11,6 +11,7 @@ from streamer import corpus
 from tests.integration.helpers import (
     ServiceProcess,
     committed_and_end,
+    output_ids,
     produce,
     read_all,
     service_settings,
@@ -41,17 +42,19 @@ async def test_kill_one_of_two_instances_then_add_a_third(
     )
     instances = {name: ServiceProcess(settings, tmp_path / f"{name}.log") for name in "abc"}
 
-    async def output_ids() -> set[str]:
-        records = await read_all(kafka_options, settings.output_topic)
-        return {json.loads(r.value)["id"] for r in records}
+    async def at_least_twenty() -> bool:
+        return len(await output_ids(kafka_options, settings.output_topic)) >= 20
+
+    async def all_predicted() -> bool:
+        return expected <= await output_ids(kafka_options, settings.output_topic)
 
     try:
         instances["a"].start()
         instances["b"].start()
-        await wait_for(lambda: _at_least(output_ids, 20), 600, "predictions from the group")
+        await wait_for(at_least_twenty, 600, "predictions from the group")
         instances["a"].kill()
         instances["c"].start()
-        await wait_for(lambda: _covers(output_ids, expected), 600, "every input predicted")
+        await wait_for(all_predicted, 600, "every input predicted")
         for name in "bc":
             instances[name].check_alive()
 
@@ -72,11 +75,3 @@ async def test_kill_one_of_two_instances_then_add_a_third(
     ids = [json.loads(r.value)["id"] for r in await read_all(kafka_options, settings.output_topic)]
     assert set(ids) == expected
     print(f"inputs={len(expected)} outputs={len(ids)} duplicates={len(ids) - len(set(ids))} lost=0")
-
-
-async def _at_least(ids, n: int) -> bool:  # type: ignore[no-untyped-def]
-    return len(await ids()) >= n
-
-
-async def _covers(ids, expected: set[str]) -> bool:  # type: ignore[no-untyped-def]
-    return expected <= await ids()
