@@ -24,7 +24,7 @@ from aiokafka.structs import TopicPartition
 from streamer.config import Settings
 from streamer.http import MetricsServer
 from streamer.kafka.intake import Intake
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import OffsetTracker, Ticket
 from streamer.kafka.publisher import Publisher, PublisherClosed
 from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
@@ -94,6 +94,11 @@ class Service:
         )
 
     async def _start_components(self, s: Settings) -> None:
+        # First, so /healthz answers (and /readyz says 503) while the model loads.
+        self._metrics_server = MetricsServer(
+            s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self._ready
+        )
+        await self._metrics_server.start()
         await self.engine.start()
         self._publisher = Publisher(s, self.metrics)
         await self._publisher.start()
@@ -106,11 +111,6 @@ class Service:
         )
         self._intake = Intake(s, self._tracker, self.metrics, self._finish_revoked)
         await self._intake.start()
-        if s.metrics_port or s.metrics_port == 0:
-            self._metrics_server = MetricsServer(
-                s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self._ready
-            )
-            await self._metrics_server.start()
         await self.loop_lag.start()
         self.metrics.free_permits.set(s.max_in_flight)
         self._tasks = [
@@ -218,12 +218,12 @@ class Service:
             self._update_permit_gauges()
 
     async def _handle(
-        self, record: Record, ticket: object, fetched_at: float, permit_wait_s: float
+        self, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
     ) -> None:
         assert self._processor is not None
         try:
             await self._processor.process(record, fetched_at, permit_wait_s)
-            self._tracker.done(ticket)  # type: ignore[arg-type]
+            self._tracker.done(ticket)
         except (PublisherClosed, asyncio.CancelledError):
             pass  # shutting down: stays uncommitted, processed again after restart
         except Exception as exc:
