@@ -152,6 +152,18 @@ class Metrics:
             registry=r,
         )
         self.model = Info("streamer_model", "The model being served.", registry=r)
+        self.gpu_memory = Gauge(
+            "streamer_gpu_memory_bytes",
+            "CUDA memory held by the inference worker's tensors.",
+            ["device"],
+            registry=r,
+        )
+        self.gpu_utilization = Gauge(
+            "streamer_gpu_utilization_ratio",
+            "GPU utilisation (0-1) as NVML reports it.",
+            ["device"],
+            registry=r,
+        )
 
     def declare_topics(self, input_topic: str, output_topic: str, dlq_topic: str) -> None:
         """Export every counter series at 0 before its first event, so rate() counts it."""

@@ -219,11 +219,18 @@ class Engine:
                 "inference worker died during a batch of %d; retrying in halves", len(slots)
             )
             return await self._infer(slots[:half]) + await self._infer(slots[half:])
+        self._record_device(result)
         n = len(slots)
         return [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)
         ]
+
+    def _record_device(self, result: BatchResult) -> None:
+        if result.device_memory_bytes is not None:
+            self.metrics.gpu_memory.labels(result.device).set(result.device_memory_bytes)
+        if result.device_utilization is not None:
+            self.metrics.gpu_utilization.labels(result.device).set(result.device_utilization)
 
     def _on_batch(self, info: BatchInfo) -> None:
         self.metrics.batch_size.observe(info.size)

@@ -41,6 +41,10 @@ class BatchResult:
     indices: list[list[int]]
     scores: list[list[float]]
     forward_s: float
+    device: str = "cpu"
+    # CUDA only: memory held by tensors, and utilisation when NVML is available.
+    device_memory_bytes: int | None = None
+    device_utilization: float | None = None
 
 
 class Classifier:
@@ -69,12 +73,28 @@ class Classifier:
         x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         logits = self.model(x).float()
         scores, indices = torch.softmax(logits, dim=1).topk(self.config.top_k, dim=1)
+        indices_list, scores_list = indices.cpu().tolist(), scores.cpu().tolist()
+        forward_s = time.perf_counter() - started
+        if self.device.type != "cuda":
+            return BatchResult(indices_list, scores_list, forward_s)
         return BatchResult(
-            indices.cpu().tolist(), scores.cpu().tolist(), time.perf_counter() - started
+            indices_list,
+            scores_list,
+            forward_s,
+            str(self.device),
+            torch.cuda.memory_allocated(self.device),
+            _utilization(self.device),
         )
 
     def warm_up(self) -> None:
         self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
+
+
+def _utilization(device: torch.device) -> float | None:
+    try:
+        return torch.cuda.utilization(device) / 100.0  # needs NVML (pynvml)
+    except Exception:
+        return None
 
 
 def main(

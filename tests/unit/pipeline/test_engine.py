@@ -1,4 +1,4 @@
-"""A record that kills the inference worker is isolated by retrying its batch in halves."""
+"""Engine logic with a stand-in inference pool: crash isolation, device statistics."""
 
 from __future__ import annotations
 
@@ -53,3 +53,34 @@ async def test_a_batch_without_a_crash_runs_once() -> None:
     results = await engine._infer([1, 2, 3])
     assert pool.batches == [[1, 2, 3]]
     assert all(isinstance(r, _BatchItem) and r.batch_size == 3 for r in results)
+
+
+class CudaPool:
+    """Stands in for an inference worker on a GPU: its replies carry device statistics."""
+
+    async def submit(self, slots: list[int]) -> Any:
+        return BatchResult(
+            [[s] for s in slots],
+            [[1.0] for _ in slots],
+            0.01,
+            "cuda:1",
+            device_memory_bytes=123_456_789,
+            device_utilization=0.87,
+        )
+
+
+async def test_gpu_memory_and_utilisation_reported_by_the_worker_are_exported() -> None:
+    metrics = Metrics()
+    engine = Engine(Settings(weights="random:0", device="cpu"), metrics)
+    engine.inference = CudaPool()  # type: ignore[assignment]
+    await engine._infer([1, 2])
+    assert metrics.gpu_memory.labels("cuda:1")._value.get() == 123_456_789
+    assert metrics.gpu_utilization.labels("cuda:1")._value.get() == 0.87
+
+
+async def test_cpu_batches_export_no_gpu_series() -> None:
+    metrics = Metrics()
+    engine = Engine(Settings(weights="random:0", device="cpu"), metrics)
+    engine.inference = CrashingPool()  # type: ignore[assignment]
+    await engine._infer([1, 2])
+    assert metrics.registry.get_sample_value("streamer_gpu_memory_bytes", {"device": "cpu"}) is None
