@@ -83,6 +83,11 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.producer_recreations = Counter(
+            "streamer_producer_recreations_total",
+            "Idempotent producers replaced after a sequence error.",
+            registry=r,
+        )
         self.commits = Counter(
             "streamer_offset_commits_total", "Offset commits, by result.", ["result"], registry=r
         )

@@ -13,9 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    InvalidProducerIdMapping,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 from aiokafka.structs import RecordMetadata
 
 from streamer.config import Settings
@@ -32,15 +39,27 @@ class PublisherClosed(RuntimeError):
     """The service is stopping; the send was abandoned (its input stays uncommitted)."""
 
 
+# The idempotent producer's sequence state is broken: only a new producer (new
+# producer id) can send again. Retrying with the same one would fail forever.
+STUCK_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerIdMapping)
+
+
 class Publisher:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
+        self._new_producer = producer_factory or self._default_producer
         self._producer: AIOKafkaProducer | None = None
         self._closing = asyncio.Event()
+        self._recreating = asyncio.Lock()
 
-    async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
+    def _default_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             acks="all",
             enable_idempotence=True,
             linger_ms=2,
@@ -48,8 +67,27 @@ class Publisher:
             max_request_size=max(1024 * 1024, self._settings.max_payload_bytes + 65536),
             **connection_options(self._settings),
         )
+
+    async def start(self) -> None:
+        self._producer = self._new_producer()
         await self._producer.start()
         log.info("producer started")
+
+    async def _recreate(self, broken: AIOKafkaProducer) -> None:
+        """Replace a stuck producer once, however many sends saw it fail."""
+        stuck = broken  # (an identity test below would narrow `broken` for the type checker)
+        async with self._recreating:
+            if self._producer is not broken or self._closing.is_set():
+                return  # another send already replaced it, or we are stopping
+            log.warning("recreating the idempotent producer after a sequence error")
+            self._metrics.producer_recreations.inc()
+            replacement = self._new_producer()
+            await replacement.start()
+            self._producer = replacement
+        try:
+            await stuck.stop()
+        except KafkaError as exc:
+            log.warning("stopping the broken producer failed error=%r", exc)
 
     async def send(
         self, topic: str, value: bytes | None, key: bytes | None, headers: Headers
@@ -62,10 +100,15 @@ class Publisher:
         while True:
             if self._closing.is_set() or self._producer is None:
                 raise PublisherClosed(f"not sent to {topic}: the publisher is closing")
+            producer = self._producer
             try:
-                return await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+                return await producer.send_and_wait(topic, value, key=key, headers=headers)
             except MessageSizeTooLargeError:
                 raise
+            except STUCK_PRODUCER_ERRORS as exc:
+                self._metrics.produce_errors.labels(topic).inc()
+                log.warning("send failed topic=%s error=%r", topic, exc)
+                await self._recreate(producer)
             except KafkaError as exc:
                 self._metrics.produce_errors.labels(topic).inc()
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
