@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps kafka-up kafka-down test test-unit demo lint bench chaos clean
+.PHONY: setup system-deps kafka-up kafka-down test test-unit demo lint bench chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,30 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check streamer tests
 	$(BIN)/mypy
+
+# Benchmarks (docs/BENCHMARKS.md): results/bench-<timestamp>/ gets JSON, PNG plots, summary.md.
+# `make bench` takes 15+ minutes (10-minute RSS soak); BENCH_ARGS adds flags.
+BENCH_ARGS ?=
+.PHONY: bench-quick
+
+bench: setup
+	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up
+	$(BIN)/streamer bench $(BENCH_ARGS)
+
+bench-quick: setup
+	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up
+	$(BIN)/streamer bench --quick $(BENCH_ARGS)
+
+# The full chaos suite (docs/RELIABILITY.md): 10 inference-worker kills in 2,000 images.
+# `make test` runs the reduced form of every chaos scenario.
+chaos: setup system-deps
+	$(BIN)/pytest -m chaos -s $(PYTEST_ARGS)
+
+# Long fuzzing of the decode entry point: new random inputs each run.
+FUZZ_EXAMPLES ?= 20000
+fuzz: setup
+	STREAMER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/unit/test_decode.py -k never_escape \
+		-o timeout=7200 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache results

@@ -32,6 +32,7 @@ class BenchConfig:
     corpus_size: int = 64  # distinct images, cycled
     ceiling_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     ceiling_min_s: float = 3.0  # per batch size, after one warm-up pass
+    ceiling_again_at_end: bool = True  # a second sweep; per batch size the faster counts
     engine_records: int = 400
     e2e_records: int = 480
     naive_records: int = 60

@@ -1,0 +1,68 @@
+"""The quick benchmark runs end to end against a real broker and reports every section.
+
+Not a benchmark itself (no ``bench`` marker, so ``make test`` covers it): a tiny
+corpus and short phases, asserting only that each section was measured and the
+report files were written, so a broken stage fails CI instead of the next
+full benchmark run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streamer.bench import report, runner
+from streamer.bench.workload import BenchConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+
+
+def tiny_config(bootstrap: str) -> BenchConfig:
+    return BenchConfig.quick(
+        bootstrap_servers=bootstrap,
+        corpus_size=8,
+        ceiling_batch_sizes=(1, 4),
+        ceiling_min_s=0.2,
+        max_batch_size=8,
+        max_in_flight=16,
+        engine_records=16,
+        e2e_records=24,
+        naive_records=4,
+        latency_s=4.0,
+        latency_warmup_s=0.0,
+        soak_s=4.0,
+        soak_samples_s=(1.0, 4.0),
+    )
+
+
+async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path: Path) -> None:
+    results = await runner.run(tiny_config(kafka_bootstrap), tmp_path)
+    paths = report.write(results, tmp_path)
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["ceiling"]["images_per_s"] > 0
+    assert all(v["forward_s"] > 0 for v in saved["ceiling"]["by_batch_size"].values())
+    assert saved["engine"]["images_per_s"] > 0
+    assert saved["e2e"]["images_per_s"] > 0 and saved["e2e"]["records"] == 24
+    assert saved["naive"]["images_per_s"] > 0
+    for fraction in ("0.5", "0.9"):
+        phase = saved["latency"][fraction]
+        assert phase["counted"] > 0
+        assert 0 < phase["p50_s"] <= phase["p95_s"] <= phase["p99_s"]
+    assert saved["service_memory"]["peak_rss_bytes"] > 0
+    assert saved["service_memory"]["shm_reserved_bytes"] > 0
+    assert saved["soak"]["checkpoints"][-1]["rss_bytes"] > 0
+    assert saved["metrics_cost"]["per_record_us"] > 0
+    assert set(saved["targets"]) == {
+        "e2e_vs_ceiling",
+        "e2e_vs_naive",
+        "p99_at_half_peak",
+        "rss_flat",
+        "metrics_cost",
+    }
+    assert saved["service_exit_code"] == 0
+    names = {p.name for p in paths}
+    assert {"results.json", "summary.md", "throughput.png", "latency_cdf.png"} <= names
+    assert all(p.stat().st_size > 0 for p in paths)
