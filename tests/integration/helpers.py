@@ -7,11 +7,8 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeAlias
 
 from aiokafka import ConsumerRecord
@@ -19,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from streamer.app import Service
+from streamer.bench.service import ServiceProcess as ChildServiceProcess
 from streamer.config import Settings
 from streamer.tools.consume import read_records
 from streamer.tools.produce import Message, publish
@@ -129,36 +127,8 @@ async def running_service(settings: Settings) -> AsyncIterator[Service]:
         await service.stop()
 
 
-class ServiceProcess:
-    """``python -m streamer run`` as a child process, for kill and restart tests."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self._settings = settings
-        self._log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
-        for name, value in self._settings.model_dump(exclude_none=True).items():
-            if isinstance(value, tuple):
-                value = ",".join(value)
-            env[f"STREAMER_{name.upper()}"] = str(value)
-        with self._log_path.open("ab") as log:  # the child keeps its own copy
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streamer", "run"],
-                env=env,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-
-    def check_alive(self) -> None:
-        """Fail at once (with the log) when the service exited instead of waiting out a deadline."""
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"service exited with {self.process.returncode}:\n{self.log()[-4000:]}"
-            )
+class ServiceProcess(ChildServiceProcess):
+    """``python -m streamer run`` as a child process (the benchmark's), plus a crash switch."""
 
     def kill(self) -> None:
         """SIGKILL the service and its workers (the whole process group), like a crash."""
@@ -166,10 +136,9 @@ class ServiceProcess:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
-    def terminate(self, timeout_s: float = 60) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout_s)
+    def terminate(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM: the service drains, commits and exits (SIGKILL after the timeout)."""
+        return self.stop(timeout_s)
 
     def log(self) -> str:
-        return self._log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace")
