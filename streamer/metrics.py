@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from streamer.errors import DEAD_LETTER_REASONS
+
 # Buckets for per-stage latencies: 0.5 ms .. 60 s.
 LATENCY_BUCKETS = (
     0.0005,
@@ -172,8 +174,6 @@ class Metrics:
 
     def declare_topics(self, input_topic: str, output_topic: str, dlq_topic: str) -> None:
         """Export every counter series at 0 before its first event, so rate() counts it."""
-        from streamer.errors import DEAD_LETTER_REASONS
-
         self.records_consumed.labels(input_topic)
         self.records_predicted.labels(output_topic)
         for reason in DEAD_LETTER_REASONS:
