@@ -132,10 +132,7 @@ def plot_throughput(results: dict[str, Any], path: Path) -> Path:
     right.set_xlabel("batch size")
     right.set_ylabel("images / s")
     right.set_title("Model ceiling by batch size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_latency(results: dict[str, Any], path: Path) -> Path:
@@ -157,10 +154,7 @@ def plot_latency(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("End-to-end latency CDF")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_memory(results: dict[str, Any], path: Path) -> Path:
@@ -175,6 +169,10 @@ def plot_memory(results: dict[str, Any], path: Path) -> Path:
     ax.set_title("Service memory")
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
