@@ -22,10 +22,12 @@ from typing import Any
 from aiokafka.structs import TopicPartition
 
 from streamer.config import Settings
+from streamer.errors import DeliveryAbandoned
 from streamer.http import MetricsServer
+from streamer.kafka.delivery import AtLeastOnce, Delivery
 from streamer.kafka.intake import Intake
 from streamer.kafka.offsets import OffsetTracker, Ticket
-from streamer.kafka.publisher import Publisher, PublisherClosed
+from streamer.kafka.transactions import ExactlyOnce
 from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
@@ -59,7 +61,7 @@ class Service:
         self._fatal: BaseException | None = None
         self._ready = False
         self._processor: RecordProcessor | None = None
-        self._publisher: Publisher | None = None
+        self._delivery: Delivery | None = None
         self._intake: Intake | None = None
         self._metrics_server: MetricsServer | None = None
 
@@ -85,11 +87,12 @@ class Service:
         self._ready = True
         self.metrics.ready.set(1)
         log.info(
-            "service running input=%s output=%s dlq=%s group=%s devices=%s",
+            "service running input=%s output=%s dlq=%s group=%s delivery=%s devices=%s",
             s.input_topic,
             s.output_topic,
             s.dlq_topic,
             s.group_id,
+            s.delivery,
             self.engine.devices,
         )
 
@@ -100,16 +103,16 @@ class Service:
         )
         await self._metrics_server.start()
         await self.engine.start()
-        self._publisher = Publisher(s, self.metrics)
-        await self._publisher.start()
         self._processor = RecordProcessor(
             ProcessorConfig(s.output_topic, s.dlq_topic),
             self.engine,
-            self._publisher,
             self.metrics,
             imagenet_labels(),
         )
-        self._intake = Intake(s, self._tracker, self.metrics, self._finish_revoked)
+        self._intake = Intake(s, self._tracker, self.metrics, self._assigned, self._revoked)
+        delivery_mode = ExactlyOnce if s.delivery == "exactly-once" else AtLeastOnce
+        self._delivery = delivery_mode(s, self.metrics, self._tracker, self._intake)
+        await self._delivery.start()
         await self._intake.start()
         await self.loop_lag.start()
         self.metrics.free_permits.set(s.max_in_flight)
@@ -166,17 +169,17 @@ class Service:
                 log.warning(
                     "drain deadline passed; abandoning %d records (left uncommitted)", len(pending)
                 )
-                if self._publisher is not None:
-                    self._publisher.close_for_sends()
+                if self._delivery is not None:
+                    self._delivery.abandon()
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         if self._intake is not None:
-            if self._intake.started:
-                await _teardown("final commit", self._intake.commit())
+            if self._intake.started and self._delivery is not None:
+                await _teardown("final commit", self._delivery.commit())
             await _teardown("consumer", self._intake.stop())
-        if self._publisher is not None:
-            await _teardown("producer", self._publisher.stop())
+        if self._delivery is not None:
+            await _teardown("producers", self._delivery.stop())
         await _teardown("engine", self.engine.stop())
         if self._metrics_server is not None:
             await _teardown("metrics server", self._metrics_server.stop())
@@ -195,9 +198,9 @@ class Service:
 
     async def _intake_loop(self) -> None:
         """Take a permit per record (pausing the consumer when none is left), then process it."""
-        assert self._intake is not None
+        assert self._intake is not None and self._delivery is not None
         intake = self._intake
-        async for record in intake.records():
+        async for record, generation in intake.records():
             fetched_at = time.perf_counter()
             if self._permits.locked():
                 intake.pause()
@@ -206,8 +209,9 @@ class Service:
             else:
                 await self._permits.acquire()
             tp = TopicPartition(record.topic, record.partition)
-            if not intake.owns(tp):
-                self._permits.release()  # revoked while we waited: the new owner has it
+            if not intake.is_current(tp, generation) or not self._delivery.accepts(tp):
+                # Revoked or rewound while we waited: fetched again by whoever owns it.
+                self._permits.release()
                 continue
             ticket = self._tracker.start(tp, record.offset)
             task = asyncio.create_task(
@@ -220,12 +224,14 @@ class Service:
     async def _handle(
         self, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
     ) -> None:
-        assert self._processor is not None
+        assert self._processor is not None and self._delivery is not None
         try:
-            await self._processor.process(record, fetched_at, permit_wait_s)
-            self._tracker.done(ticket)
-        except (PublisherClosed, asyncio.CancelledError):
-            pass  # shutting down: stays uncommitted, processed again after restart
+            outcome = await self._processor.process(record, fetched_at, permit_wait_s)
+            sent = time.perf_counter()
+            await self._delivery.deliver(ticket, outcome)
+            self._processor.delivered(record, outcome, time.perf_counter() - sent)
+        except (DeliveryAbandoned, asyncio.CancelledError):
+            pass  # stopping, or the partition moved: uncommitted, so processed again
         except Exception as exc:
             log.exception(
                 "record failed unexpectedly topic=%s partition=%d offset=%d",
@@ -240,18 +246,24 @@ class Service:
             self._update_permit_gauges()
 
     async def _commit_loop(self) -> None:
-        assert self._intake is not None
+        assert self._intake is not None and self._delivery is not None
         interval = self.settings.commit_interval_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
-            await self._intake.commit()
+            await self._delivery.commit()
             self._intake.update_lag()  # also when nothing moved: a stall must show as lag
 
-    async def _finish_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Give in-flight records of revoked partitions a deadline to be acked."""
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self._delivery is not None
+        await self._delivery.assigned(assigned)
+
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        """Give in-flight records of revoked partitions a deadline, then commit what is done."""
+        assert self._delivery is not None
         tasks = [t for t, tp in self._in_flight.items() if tp in revoked]
         if tasks:
             await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s or None)
+        await self._delivery.revoked(revoked)
 
     def _update_permit_gauges(self) -> None:
         in_flight = len(self._in_flight)

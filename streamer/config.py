@@ -59,9 +59,19 @@ class Settings(BaseSettings):
     allowed_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "PNG", "WEBP")
 
     # Reliability
+    # at-least-once: outputs acked, then offsets committed (a crash may duplicate).
+    # exactly-once: outputs and offsets committed together in Kafka transactions.
+    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
+    transactional_id_prefix: str | None = None  # default: the group id
+    transaction_timeout_ms: int = Field(60_000, ge=1000)
     max_record_attempts: int = Field(3, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
     worker_start_timeout_s: float = Field(120.0, gt=0)
+    # A worker that leaves a request (or an idle ping) unanswered this long is
+    # killed as hung; its batch is retried like after a crash.
+    worker_timeout_s: float = Field(60.0, gt=0)
+    # A warm spare inference worker per device takes over at once when one dies.
+    inference_standby: bool = True
 
     # Operations
     metrics_host: str = "127.0.0.1"
@@ -86,6 +96,10 @@ class Settings(BaseSettings):
         if self.sasl_mechanism and not self.security_protocol.startswith("SASL"):
             raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
         return self
+
+    def transactional_id(self, topic: str, partition: int) -> str:
+        """One transactional id per input partition: a new owner fences the old one."""
+        return f"{self.transactional_id_prefix or self.group_id}-{topic}-{partition}"
 
     @property
     def shared_memory_bytes(self) -> int:

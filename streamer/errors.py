@@ -24,6 +24,12 @@ class ModelLoadError(StreamerError):
     """The model or its weights could not be loaded."""
 
 
+class DeliveryAbandoned(StreamerError):
+    """A record's output was not made durable: the service is stopping, or the
+    partition moved to another instance. Its offset stays uncommitted, so the
+    record is processed again by whoever owns the partition next."""
+
+
 class RecordError(StreamerError):
     """A problem with one input record; it goes to the dead-letter topic.
 

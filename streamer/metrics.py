@@ -36,6 +36,12 @@ LATENCY_BUCKETS = (
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
+TRANSACTION_RESULTS = (
+    "committed",  # outputs and offsets are visible to read_committed consumers
+    "retried",  # failed and aborted; the same outputs go into the next transaction
+    "fenced",  # another producer took the partition's transactional id
+)
+
 STAGES = (
     "kafka",  # record timestamp -> fetched by the consumer
     "permit_wait",  # fetched -> in-flight permit acquired
@@ -92,6 +98,18 @@ class Metrics:
         )
         self.commits = Counter(
             "streamer_offset_commits_total", "Offset commits, by result.", ["result"], registry=r
+        )
+        self.transactions = Counter(
+            "streamer_transactions_total",
+            "Exactly-once transactions (outputs plus input offsets), by result.",
+            ["result"],
+            registry=r,
+        )
+        self.transaction_seconds = Histogram(
+            "streamer_transaction_seconds",
+            "Time to write and commit one exactly-once transaction.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.stage_seconds = Histogram(
             "streamer_stage_seconds",
@@ -182,6 +200,8 @@ class Metrics:
             self.produce_errors.labels(topic)
         for result in ("ok", "error", "rebalance"):
             self.commits.labels(result)
+        for result in TRANSACTION_RESULTS:
+            self.transactions.labels(result)
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(max(seconds, 0.0))

@@ -28,6 +28,8 @@ DLQ_SOURCE_TOPIC = "streamer-source-topic"
 DLQ_SOURCE_PARTITION = "streamer-source-partition"
 DLQ_SOURCE_OFFSET = "streamer-source-offset"
 DLQ_SOURCE_TIMESTAMP = "streamer-source-timestamp"
+# Only when the dead-letter topic could not hold the payload: the value is empty.
+DLQ_VALUE_DROPPED_BYTES = "streamer-value-dropped-bytes"
 DLQ_HEADERS = (
     DLQ_STAGE,
     DLQ_REASON,

@@ -12,6 +12,14 @@ at-least-once hold, for every record:
 5. on revocation, in-flight work of the revoked partitions gets a deadline to
    finish, done offsets are committed, and the partitions are forgotten: late
    acks for them change nothing, so we never commit for a partition we lost.
+
+In exactly-once mode steps 2-4 are one Kafka transaction instead
+(``streamer.kafka.transactions``) and this class commits nothing itself.
+
+Every (re)assignment seeks to the group's committed offset and starts a new
+*generation* of the partition: records fetched before it (still in a local
+batch, or waiting for a permit) are stale and are dropped by the caller, since
+the consumer fetches them again from the committed offset.
 """
 
 from __future__ import annotations
@@ -31,19 +39,26 @@ from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-RevokeHook = Callable[[set[TopicPartition]], Awaitable[None]]
+PartitionsHook = Callable[[set[TopicPartition]], Awaitable[None]]
 
 
 class Intake:
     def __init__(
-        self, settings: Settings, tracker: OffsetTracker, metrics: Metrics, on_revoke: RevokeHook
+        self,
+        settings: Settings,
+        tracker: OffsetTracker,
+        metrics: Metrics,
+        on_assign: PartitionsHook,
+        on_revoke: PartitionsHook,
     ) -> None:
         self._settings = settings
         self._tracker = tracker
         self._metrics = metrics
+        self._on_assign = on_assign
         self._on_revoke = on_revoke
         self._consumer: AIOKafkaConsumer | None = None
         self._stopping = False
+        self._generations: dict[TopicPartition, int] = {}
 
     @property
     def started(self) -> bool:
@@ -70,17 +85,26 @@ class Intake:
         await self._consumer.start()
         log.info("consumer started topic=%s group=%s", s.input_topic, s.group_id)
 
-    async def records(self) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
-        """Yield fetched records until ``stop_fetching``."""
+    async def records(self) -> AsyncIterator[tuple[ConsumerRecord[bytes, bytes], int]]:
+        """Yield ``(record, generation)`` until ``stop_fetching``; see ``is_current``."""
         while not self._stopping:
             batches = await self.consumer.getmany(timeout_ms=200)
+            fetched = {tp: self._generations.get(tp, 0) for tp in batches}
             for tp, records in batches.items():
                 self._metrics.records_consumed.labels(tp.topic).inc(len(records))
                 for record in records:
-                    yield record
+                    yield record, fetched[tp]
+
+    def is_current(self, tp: TopicPartition, generation: int) -> bool:
+        """Whether a record fetched in ``generation`` may still be processed."""
+        return generation == self._generations.get(tp, 0) and tp in self.consumer.assignment()
 
     def owns(self, tp: TopicPartition) -> bool:
         return tp in self.consumer.assignment()
+
+    async def rewind(self, tp: TopicPartition) -> None:
+        """Drop the partition's progress and fetch again from the committed offset."""
+        await self._seek_to_committed(tp, rewind=True)
 
     def pause(self) -> None:
         partitions = self.consumer.assignment()
@@ -142,23 +166,50 @@ class Intake:
             log.info("consumer stopped")
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        """Seed lag with the group's committed offsets, so a stall shows from the start."""
+        # The hook first: in exactly-once mode it fences the previous owner, which
+        # settles that owner's open transaction, offsets included.
+        await self._on_assign(assigned)
         for tp in assigned:
             try:
-                committed = await self.consumer.committed(tp)
+                await self._seek_to_committed(tp)
             except KafkaError as exc:
+                # The consumer's own position (from the same committed offset) stands.
                 log.warning("could not read committed offset partition=%s error=%r", tp, exc)
-                continue
-            if committed is not None:
-                self._tracker.seed_committed(tp, committed)
-        self.update_lag()
+        self.update_lag()  # seeded from the committed offsets: a stall shows from the start
+
+    async def _seek_to_committed(self, tp: TopicPartition, rewind: bool = False) -> None:
+        """Start a new generation of ``tp`` at the group's committed offset.
+
+        Everything after the last ``await`` is synchronous, so no record can start
+        in between: records started before are stale (their tickets no longer
+        count), and records fetched before are dropped by the generation check.
+        With nothing committed, a new assignment keeps the position the consumer
+        reset to (``auto_offset_reset``); a rewind seeks there explicitly.
+        """
+        committed = await self.consumer.committed(tp)
+        position = committed
+        if committed is None:
+            if not rewind:
+                return
+            ends = self.consumer.beginning_offsets
+            if self._settings.auto_offset_reset == "latest":
+                ends = self.consumer.end_offsets
+            position = (await ends([tp]))[tp]
+        self._tracker.forget({tp})
+        if committed is not None:
+            self._tracker.seed_committed(tp, committed)
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile
+            self.consumer.seek(tp, position)
+        self._generations[tp] = self._generations.get(tp, 0) + 1
+        log.debug("seek partition=%s offset=%s committed=%s", tp, position, committed)
 
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
         if not revoked:
             return
         log.info("partitions revoked %s", sorted((tp.topic, tp.partition) for tp in revoked))
-        await self._on_revoke(revoked)
-        await self.commit(only=revoked)
+        await self._on_revoke(revoked)  # finishes in-flight work and commits what is done
+        for tp in revoked:
+            self._generations[tp] = self._generations.get(tp, 0) + 1
         self._tracker.forget(revoked)
         for tp in revoked:
             for gauge in (self._metrics.consumer_lag, self._metrics.committed_offset):

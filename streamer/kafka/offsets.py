@@ -47,9 +47,13 @@ class OffsetTracker:
         state.started.append(offset)
         return Ticket(tp, offset, state)
 
+    def is_current(self, ticket: Ticket) -> bool:
+        """False once the ticket's partition was revoked, rewound or reassigned."""
+        return self._partitions.get(ticket.tp) is ticket.state
+
     def done(self, ticket: Ticket) -> None:
         state = ticket.state
-        if self._partitions.get(ticket.tp) is not state:
+        if not self.is_current(ticket):
             return  # the partition was revoked (and maybe reassigned) meanwhile
         state.done.add(ticket.offset)
         while state.started and state.started[0] in state.done:

@@ -26,6 +26,7 @@ from aiokafka.errors import (
 from aiokafka.structs import RecordMetadata
 
 from streamer.config import Settings
+from streamer.errors import DeliveryAbandoned
 from streamer.kafka.clients import connection_options
 from streamer.metrics import Metrics
 from streamer.schemas import Headers
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
-class PublisherClosed(RuntimeError):
+class PublisherClosed(DeliveryAbandoned):
     """The service is stopping; the send was abandoned (its input stays uncommitted)."""
 
 

@@ -99,6 +99,7 @@ class Engine:
             lambda i: (layout, limits),
             self.metrics,
             s.worker_start_timeout_s,
+            hang_timeout_s=s.worker_timeout_s,
         )
         self.inference = WorkerPool(
             "inference",
@@ -110,6 +111,8 @@ class Engine:
             ),
             self.metrics,
             s.worker_start_timeout_s,
+            hang_timeout_s=s.worker_timeout_s,
+            standby=s.inference_standby,
         )
         await asyncio.gather(self.decoders.start(), self.inference.start())
         info = self.inference.workers[0].ready_info

@@ -1,9 +1,11 @@
-"""What happens to one Kafka record, from fetched to acked.
+"""What one Kafka record turns into: a prediction or a dead letter.
 
 ``RecordProcessor.process`` has the engine classify the record's value and
-publishes the prediction. Any ``RecordError`` (bad image, too large, retries
-exhausted) becomes a dead letter instead. It returns only when the output or the
-dead letter is acked, so the caller may then mark the offset done.
+returns the ``Outcome`` to publish: the prediction, or, for any ``RecordError``
+(bad image, too large, retries exhausted), a dead letter carrying the original
+bytes and the error. Sending it is the delivery's job (``streamer.kafka.delivery``),
+which differs between at-least-once and exactly-once; ``delivered`` counts it
+once it is durable.
 """
 
 from __future__ import annotations
@@ -14,10 +16,8 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
-from aiokafka.errors import MessageSizeTooLargeError
 
 from streamer.errors import RecordError
-from streamer.kafka.publisher import Publisher
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
 from streamer.schemas import (
@@ -29,6 +29,7 @@ from streamer.schemas import (
     DLQ_SOURCE_TIMESTAMP,
     DLQ_SOURCE_TOPIC,
     DLQ_STAGE,
+    DLQ_VALUE_DROPPED_BYTES,
     HEADER_CONTENT_TYPE,
     MAX_ERROR_MESSAGE_CHARS,
     PASSTHROUGH_HEADERS,
@@ -46,6 +47,23 @@ Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """One message to publish for one input record."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    dead_letter_reason: str | None = None  # None: a prediction
+
+    def without_value(self) -> Outcome:
+        """The dead letter minus its payload, for when the topic cannot hold the payload."""
+        size = len(self.value or b"")
+        headers = [*self.headers, (DLQ_VALUE_DROPPED_BYTES, str(size).encode())]
+        return Outcome(self.topic, None, self.key, headers, self.dead_letter_reason)
+
+
+@dataclass(frozen=True)
 class ProcessorConfig:
     output_topic: str
     dlq_topic: str
@@ -56,25 +74,35 @@ class RecordProcessor:
         self,
         config: ProcessorConfig,
         engine: Engine,
-        publisher: Publisher,
         metrics: Metrics,
         labels: list[str],
     ) -> None:
         self._config = config
         self._engine = engine
-        self._publisher = publisher
         self._metrics = metrics
         self._labels = labels
 
-    async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> str:
-        """Publish the record's prediction or dead letter; return which (for counting)."""
+    async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> Outcome:
+        """Classify the record; return its prediction, or its dead letter."""
         try:
             prediction = await self._classify(record, fetched_at, permit_wait_s)
         except RecordError as error:
-            await self._dead_letter(record, error)
-            return "dead-letter"
-        await self._publish(record, prediction)
-        return "prediction"
+            return self._dead_letter(record, error)
+        headers: Headers = [(HEADER_CONTENT_TYPE, b"application/json")]
+        headers += [(k, v) for k, v in record.headers or () if k in PASSTHROUGH_HEADERS]
+        return Outcome(
+            self._config.output_topic, prediction.model_dump_json().encode(), record.key, headers
+        )
+
+    def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
+        """Count an outcome once it is durable (acked, or committed in a transaction)."""
+        m = self._metrics
+        m.observe_stage("produce", produce_s)
+        if outcome.dead_letter_reason is None:
+            m.observe_stage("end_to_end", time.time() - record.timestamp / 1000.0)
+            m.records_predicted.labels(outcome.topic).inc()
+        else:
+            m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()
 
     async def _classify(
         self, record: Record, fetched_at: float, permit_wait_s: float
@@ -113,18 +141,7 @@ class RecordProcessor:
             ),
         )
 
-    async def _publish(self, record: Record, prediction: Prediction) -> None:
-        headers: Headers = [(HEADER_CONTENT_TYPE, b"application/json")]
-        headers += [(k, v) for k, v in record.headers or () if k in PASSTHROUGH_HEADERS]
-        sent = time.perf_counter()
-        await self._publisher.send(
-            self._config.output_topic, prediction.model_dump_json().encode(), record.key, headers
-        )
-        self._metrics.observe_stage("produce", time.perf_counter() - sent)
-        self._metrics.observe_stage("end_to_end", time.time() - record.timestamp / 1000.0)
-        self._metrics.records_predicted.labels(self._config.output_topic).inc()
-
-    async def _dead_letter(self, record: Record, error: RecordError) -> None:
+    def _dead_letter(self, record: Record, error: RecordError) -> Outcome:
         log.info(
             "dead letter topic=%s partition=%d offset=%d stage=%s reason=%s error=%s",
             record.topic,
@@ -135,17 +152,7 @@ class RecordProcessor:
             error,
         )
         headers = list(record.headers or ()) + dead_letter_headers(record, error)
-        sent = time.perf_counter()
-        try:
-            await self._publisher.send(self._config.dlq_topic, record.value, record.key, headers)
-        except MessageSizeTooLargeError:
-            # The dead-letter topic cannot hold the payload: keep everything but the value,
-            # and say so, rather than drop the record or stall the partition.
-            size = len(record.value or b"")
-            headers.append(("streamer-value-dropped-bytes", str(size).encode()))
-            await self._publisher.send(self._config.dlq_topic, None, record.key, headers)
-        self._metrics.observe_stage("produce", time.perf_counter() - sent)
-        self._metrics.records_dead_lettered.labels(self._config.dlq_topic, error.reason).inc()
+        return Outcome(self._config.dlq_topic, record.value, record.key, headers, error.reason)
 
 
 def dead_letter_headers(record: Record, error: RecordError) -> Headers:

@@ -26,6 +26,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--follow", action="store_true", help="keep waiting for new records")
     parser.add_argument("--format", choices=("json", "table"), default="table")
     parser.add_argument(
+        "--isolation",
+        choices=("read_committed", "read_uncommitted"),
+        default="read_committed",
+        help="read_committed skips outputs of aborted or open transactions (exactly-once mode)",
+    )
+    parser.add_argument(
         "--timeout-s",
         type=float,
         default=60.0,
@@ -40,7 +46,7 @@ async def read_records(
     max_records: int | None = None,
     follow: bool = False,
     timeout_s: float = 60.0,
-    isolation_level: str = "read_uncommitted",
+    isolation_level: str = "read_committed",
 ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
     consumer = AIOKafkaConsumer(
         topic,
@@ -98,7 +104,7 @@ async def _consume(args: argparse.Namespace) -> int:
     if args.format == "table":
         print(f"{'id or source':<36}  {'batch':>5}  top-3 (or dead-letter reason)")
     async for record in read_records(
-        client_options(args), topic, args.max_records, args.follow, args.timeout_s
+        client_options(args), topic, args.max_records, args.follow, args.timeout_s, args.isolation
     ):
         if args.format == "json":
             value = (record.value or b"").decode(errors="replace")

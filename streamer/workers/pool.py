@@ -1,10 +1,16 @@
 """A supervised set of worker processes of one kind.
 
 Requests go to the least-loaded running worker. When a worker dies (SIGKILL,
-segfault, OOM kill) its pending requests fail with ``WorkerCrashed`` (the caller
-retries them) and the pool respawns it in a named background task. If a worker
-cannot be started again the pool fails loudly: ``failed`` is set and the
-service stops instead of hanging with no capacity.
+segfault, OOM kill, or killed by its watchdog as hung) its pending requests fail
+with ``WorkerCrashed`` (the caller retries them) and the pool respawns it in a
+named background task. If a worker cannot be started again the pool fails
+loudly: ``failed`` is set and the service stops instead of hanging with no
+capacity.
+
+With ``standby`` each worker has a started, idle twin (same arguments, e.g. the
+same device). When a worker dies its twin takes over at once and a new twin is
+started in the background, so capacity returns in milliseconds instead of the
+seconds a cold start takes (loading a model). It costs the twin's memory.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class WorkerPool:
         args: Callable[[int], tuple[Any, ...]],
         metrics: Metrics,
         start_timeout_s: float,
+        hang_timeout_s: float | None = None,
+        standby: bool = False,
     ) -> None:
         self.kind = kind
         self._target = target
@@ -38,15 +46,24 @@ class WorkerPool:
         self._metrics = metrics
         metrics.worker_restarts.labels(kind)  # exported as 0 from the start, so increase() works
         self._start_timeout_s = start_timeout_s
+        self._hang_timeout_s = hang_timeout_s
         self.workers = [self._make(i) for i in range(size)]
+        self._standby = standby
+        self.standbys: list[WorkerProcess | None] = [None] * size  # started after the workers
         self._respawns: set[asyncio.Task[None]] = set()
         self._capacity = asyncio.Event()
         self._stopping = False
         self.failed: asyncio.Future[None] | None = None
 
-    def _make(self, index: int) -> WorkerProcess:
+    def _make(self, index: int, standby: bool = False) -> WorkerProcess:
         return WorkerProcess(
-            self.kind, index, self._target, self._args(index), on_exit=self._on_exit
+            self.kind,
+            index,
+            self._target,
+            self._args(index),
+            on_exit=self._on_exit,
+            hang_timeout_s=self._hang_timeout_s,
+            role="-standby" if standby else "",
         )
 
     @property
@@ -57,6 +74,9 @@ class WorkerPool:
         self.failed = asyncio.get_running_loop().create_future()
         await asyncio.gather(*(w.start(self._start_timeout_s) for w in self.workers))
         self._update_capacity()
+        if self._standby:  # in the background: the service is ready without waiting for them
+            for index in range(len(self.workers)):
+                self._spawn_in_background(index, standby=True, name=f"{self.kind}-{index}-standby")
 
     async def submit(self, body: Any) -> Any:
         """Run ``body`` on the least-loaded worker, waiting while none is running."""
@@ -75,21 +95,34 @@ class WorkerPool:
             self._capacity.clear()
 
     def _on_exit(self, worker: WorkerProcess) -> None:
+        index = worker.index
+        standby = worker is self.standbys[index]
+        if not standby:
+            self._metrics.worker_restarts.labels(self.kind).inc()
+            twin = self.standbys[index]
+            if twin is not None and twin.state is WorkerState.RUNNING and not self._stopping:
+                self.workers[index], self.standbys[index] = twin, None
+                log.warning("standby took over kind=%s index=%d pid=%s", self.kind, index, twin.pid)
+                standby = True  # what is missing now is a twin
         self._update_capacity()
-        if self._stopping:
-            return
-        self._metrics.worker_restarts.labels(self.kind).inc()
-        task = asyncio.create_task(self._respawn(worker.index), name=f"respawn-{worker.name}")
+        if not self._stopping:
+            self._spawn_in_background(index, standby, worker.name)
+
+    def _spawn_in_background(self, index: int, standby: bool, name: str) -> None:
+        task = asyncio.create_task(self._respawn(index, standby), name=f"respawn-{name}")
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
 
-    async def _respawn(self, index: int) -> None:
+    async def _respawn(self, index: int, standby: bool) -> None:
         for attempt, delay in enumerate(RESPAWN_BACKOFF_S, start=1):
             await asyncio.sleep(delay)
             if self._stopping:
                 return
-            worker = self._make(index)
-            self.workers[index] = worker
+            worker = self._make(index, standby)
+            if standby:
+                self.standbys[index] = worker
+            else:
+                self.workers[index] = worker
             try:
                 await worker.start(self._start_timeout_s)
             except Exception as exc:
@@ -115,5 +148,6 @@ class WorkerPool:
         for task in list(self._respawns):
             task.cancel()
         await asyncio.gather(*self._respawns, return_exceptions=True)
-        await asyncio.gather(*(w.stop(timeout_s) for w in self.workers), return_exceptions=True)
+        everyone = self.workers + [w for w in self.standbys if w is not None]
+        await asyncio.gather(*(w.stop(timeout_s) for w in everyone), return_exceptions=True)
         self._update_capacity()

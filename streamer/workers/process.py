@@ -11,6 +11,11 @@ signed length (``-1`` then an 8-byte length for huge frames), then the payload.
 
 If the process dies, every request it held fails with ``WorkerCrashed`` and the
 ``on_exit`` callback tells the owner, which decides what to do (respawn, retry).
+
+A process can also hang without dying (a deadlock, a stuck driver call), which
+no pipe notices. A watchdog therefore pings an idle worker and kills a worker
+whose oldest request (ping or real) has gone unanswered for ``hang_timeout_s``;
+from there it is an ordinary death.
 """
 
 from __future__ import annotations
@@ -46,6 +51,9 @@ class WorkerState(enum.Enum):
 
 class WorkerStartError(StreamerError):
     """The worker process failed before it reported ready."""
+
+
+PING = "ping"  # a request body that ``serve`` answers itself: the worker is alive
 
 
 # ---------------------------------------------------------------- worker side
@@ -87,6 +95,9 @@ def serve(
         if message is None:
             return
         request_id, body = message
+        if body == PING:
+            replies.send((request_id, True, PING))
+            continue
         try:
             reply = (request_id, True, handle(body))
         except StreamerError as exc:
@@ -113,11 +124,18 @@ class WorkerProcess:
         target: Callable[..., None],
         args: tuple[Any, ...],
         on_exit: Callable[[WorkerProcess], None] | None = None,
+        hang_timeout_s: float | None = None,
+        role: str = "",
     ) -> None:
         self.kind = kind
         self.index = index
-        self.name = f"{kind}-{index}"
+        self.name = f"{kind}-{index}{role}"
         self.state = WorkerState.STOPPED
+        self.hung = False  # killed by the watchdog
+        self._hang_timeout_s = hang_timeout_s
+        self._sent_at: dict[int, float] = {}
+        self._last_reply = 0.0
+        self._watchdog: asyncio.Task[None] | None = None
         self.ready_info: Any = None
         self._target = target
         self._args = args
@@ -179,6 +197,9 @@ class WorkerProcess:
             await self.kill()
             raise WorkerStartError(f"{self.name} did not start: {exc}") from exc
         self.state = WorkerState.RUNNING
+        self._last_reply = loop.time()
+        if self._hang_timeout_s is not None:
+            self._watchdog = asyncio.create_task(self._watch(), name=f"{self.name}-watchdog")
         log.info("worker started worker=%s pid=%s", self.name, self.pid)
 
     def call(self, body: Any) -> asyncio.Future[Any]:
@@ -189,8 +210,33 @@ class WorkerProcess:
             return future
         request_id = next(self._ids)
         self._pending[request_id] = future
+        self._sent_at[request_id] = asyncio.get_running_loop().time()
         self._send((request_id, body))
         return future
+
+    async def _watch(self) -> None:
+        """Ping when idle; kill the process when a request goes unanswered too long."""
+        assert self._hang_timeout_s is not None
+        timeout = self._hang_timeout_s
+        loop = asyncio.get_running_loop()
+        while self.state is WorkerState.RUNNING:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = loop.time()
+            if self._sent_at:
+                waited = now - min(self._sent_at.values())
+                if waited > timeout and self.state is WorkerState.RUNNING:
+                    log.error(
+                        "worker hung: no reply for %.1f s, killing worker=%s pid=%s",
+                        waited,
+                        self.name,
+                        self.pid,
+                    )
+                    self.hung = True
+                    if self._process is not None:
+                        self._process.kill()  # the reader sees the pipe close and reaps
+                    return
+            elif now - self._last_reply > timeout / 2:
+                self.call(PING).add_done_callback(_ignore_outcome)
 
     def _send(self, message: Any) -> None:
         assert self._writer is not None
@@ -204,6 +250,8 @@ class WorkerProcess:
                 if size == -1:
                     (size,) = _LONG_HEADER.unpack(await reader.readexactly(_LONG_HEADER.size))
                 request_id, ok, value = pickle.loads(await reader.readexactly(size))
+                self._last_reply = asyncio.get_running_loop().time()
+                self._sent_at.pop(request_id, None)
                 if request_id == "ready":
                     if self._ready and not self._ready.done():
                         self._ready.set_result(value)
@@ -235,6 +283,9 @@ class WorkerProcess:
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
+        self._sent_at.clear()
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(error)
         if self._writer is not None:
@@ -242,7 +293,11 @@ class WorkerProcess:
             self._writer = None
         if not expected:
             log.error(
-                "worker died worker=%s pid=%s exitcode=%s", self.name, self.pid, self.exitcode
+                "worker died worker=%s pid=%s exitcode=%s killed_as_hung=%s",
+                self.name,
+                self.pid,
+                self.exitcode,
+                self.hung,
             )
             if self._on_exit is not None:
                 self._on_exit(self)
@@ -269,3 +324,9 @@ class WorkerProcess:
         if self._reader_task is not None:
             await asyncio.gather(self._reader_task, return_exceptions=True)
         self.state = WorkerState.STOPPED
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """A ping's answer only matters through the watchdog's clock; mark errors retrieved."""
+    if not future.cancelled():
+        future.exception()

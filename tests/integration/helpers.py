@@ -29,8 +29,14 @@ async def produce(options: dict[str, Any], topic: str, messages: list[Message]) 
 
 
 async def output_ids(options: dict[str, Any], topic: str) -> set[str]:
-    """The ``id`` of every prediction currently in ``topic``."""
+    """The ``id`` of every (committed) prediction currently in ``topic``."""
     return {json.loads(r.value)["id"] for r in await read_all(options, topic)}
+
+
+def count_by_id(records: list[Record]) -> tuple[int, int]:
+    """(distinct ids, duplicates) among predictions: the verifier's two numbers."""
+    ids = [json.loads(r.value)["id"] for r in records]
+    return len(set(ids)), len(ids) - len(set(ids))
 
 
 async def read_exactly(
@@ -40,9 +46,11 @@ async def read_exactly(
     return [r async for r in read_records(options, topic, count, timeout_s=timeout_s)]
 
 
-async def read_all(options: dict[str, Any], topic: str) -> list[Record]:
-    """Every record currently in ``topic``."""
-    return [r async for r in read_records(options, topic)]
+async def read_all(
+    options: dict[str, Any], topic: str, isolation_level: str = "read_committed"
+) -> list[Record]:
+    """Every record currently in ``topic`` (by default, of committed transactions only)."""
+    return [r async for r in read_records(options, topic, isolation_level=isolation_level)]
 
 
 async def wait_for(

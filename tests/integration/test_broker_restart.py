@@ -11,14 +11,20 @@ import json
 import os
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from streamer import corpus
 from streamer.tools.admin import create_topics
 from tests.conftest import KAFKACTL
-from tests.integration.helpers import produce, read_all, running_service, service_settings, wait_for
+from tests.integration.helpers import (
+    count_by_id,
+    produce,
+    read_all,
+    running_service,
+    service_settings,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -39,11 +45,12 @@ def own_broker() -> Iterator[str]:
         kafkactl("down")
 
 
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 async def test_service_survives_a_broker_restart(
-    own_broker: str, unique_name: str, samples: list[corpus.Sample], tmp_path: Path
+    own_broker: str, unique_name: str, samples: list[corpus.Sample], delivery: str
 ) -> None:
     options = {"bootstrap_servers": own_broker}
-    settings = service_settings(own_broker, unique_name, max_batch_size=8)
+    settings = service_settings(own_broker, unique_name, max_batch_size=8, delivery=delivery)
     await create_topics(options, [f"{unique_name}-{s}" for s in ("in", "out", "dlq")], 2)
     first, second = samples[:30], samples[30:60]
 
@@ -63,8 +70,12 @@ async def test_service_survives_a_broker_restart(
         )
         assert service.state.value == "running"
 
-    ids = {json.loads(r.value)["id"] for r in await read_all(options, settings.output_topic)}
-    assert ids == {s.name for s in first + second}
+    outputs = await read_all(options, settings.output_topic)
+    assert {json.loads(r.value)["id"] for r in outputs} == {s.name for s in first + second}
+    distinct, duplicates = count_by_id(outputs)
+    if delivery == "exactly-once":
+        assert duplicates == 0
+    print(f"delivery={delivery} inputs={distinct} lost=0 duplicates={duplicates}")
 
 
 def _messages(images: list[corpus.Sample]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:

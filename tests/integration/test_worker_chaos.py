@@ -1,7 +1,9 @@
 """SIGKILL the inference worker during a run: every record still gets its prediction.
 
-The reduced form runs in CI (`make test`); the full one (10 kills during a
-2,000-image run) is marked ``chaos`` and runs with ``make chaos``.
+In both delivery modes nothing is lost; in exactly-once mode nothing is
+duplicated either (the verifier reads ``read_committed``). The reduced form runs
+in CI (`make test`); the full one (10 kills during a 2,000-image run) is marked
+``chaos`` and runs with ``make chaos``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import pytest
 from streamer import corpus
 from streamer.workers.process import WorkerState
 from tests.integration.helpers import (
+    count_by_id,
     produce,
+    read_all,
     read_exactly,
     running_service,
     service_settings,
@@ -32,9 +36,10 @@ async def _kill_inference_during_run(
     new_topics,
     images: list[corpus.Sample],
     kills: int,
+    delivery: str,
 ) -> None:
     settings = service_settings(
-        kafka_bootstrap, unique_name, max_batch_size=8, max_record_attempts=5
+        kafka_bootstrap, unique_name, max_batch_size=8, max_record_attempts=5, delivery=delivery
     )
     await new_topics("in", "out", "dlq", partitions=3)
     async with running_service(settings) as service:
@@ -57,49 +62,50 @@ async def _kill_inference_during_run(
             victim = pool.workers[0]
             os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
             await wait_for(lambda v=victim: v.state is WorkerState.STOPPED, 30, "the death noticed")
-        outputs = await read_exactly(kafka_options, settings.output_topic, len(images), 900)
+        first = await read_exactly(kafka_options, settings.output_topic, len(images), 900)
         restarts = service.metrics.worker_restarts.labels("inference")._value.get()
 
-    ids = [json.loads(r.value)["id"] for r in outputs]
-    assert set(ids) == {s.name for s in images}, "a record was lost"
+    assert {json.loads(r.value)["id"] for r in first} == {s.name for s in images}, "lost"
     assert restarts == kills
-    dead = [r async for r in _dlq(kafka_options, settings.dlq_topic)]
+    outputs = await read_all(kafka_options, settings.output_topic)
+    distinct, duplicates = count_by_id(outputs)
+    assert distinct == len(images)
+    if delivery == "exactly-once":
+        assert duplicates == 0
+    dead = await read_all(kafka_options, settings.dlq_topic)
     assert dead == [], "no valid image may be dead-lettered because a worker was killed"
     print(
-        f"images={len(images)} kills={kills} outputs={len(ids)} "
-        f"duplicates={len(ids) - len(set(ids))} lost=0"
+        f"delivery={delivery} images={len(images)} kills={kills} outputs={len(outputs)} "
+        f"duplicates={duplicates} lost=0"
     )
 
 
-async def _dlq(options: dict[str, str], topic: str):  # type: ignore[no-untyped-def]
-    from streamer.tools.consume import read_records
-
-    async for record in read_records(options, topic):
-        yield record
-
-
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 async def test_inference_worker_killed_twice_loses_nothing(
     kafka_bootstrap: str,
     kafka_options: dict[str, str],
     unique_name: str,
     new_topics,
     samples: list[corpus.Sample],
+    delivery: str,
 ) -> None:
     await _kill_inference_during_run(
-        kafka_bootstrap, kafka_options, unique_name, new_topics, samples[:48], kills=2
+        kafka_bootstrap, kafka_options, unique_name, new_topics, samples[:48], 2, delivery
     )
 
 
 @pytest.mark.chaos
 @pytest.mark.timeout(3600)
+@pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 async def test_inference_worker_killed_ten_times_in_2000_images_loses_nothing(
     kafka_bootstrap: str,
     kafka_options: dict[str, str],
     unique_name: str,
     new_topics,
+    delivery: str,
 ) -> None:
     images = list(corpus.generate(2000, seed=2))
     await _kill_inference_during_run(
-        kafka_bootstrap, kafka_options, unique_name, new_topics, images, kills=10
+        kafka_bootstrap, kafka_options, unique_name, new_topics, images, 10, delivery
     )

@@ -16,6 +16,7 @@ from streamer.metrics import Metrics
 from streamer.workers import decode_worker
 from streamer.workers.decode import DecodeLimits
 from streamer.workers.pool import WorkerPool
+from streamer.workers.process import WorkerState
 from streamer.workers.shm import SlotPool
 
 pytestmark = pytest.mark.timeout(120)
@@ -80,3 +81,80 @@ async def test_a_killed_worker_fails_its_requests_and_is_respawned(decoders) -> 
     print(f"capacity back {loop.time() - started:.2f} s after the kill")
     assert metrics.worker_restarts.labels("decode")._value.get() == 1
     assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0
+
+
+async def _pool(slots: SlotPool, metrics: Metrics, **options) -> WorkerPool:  # type: ignore[no-untyped-def]
+    layout = slots.layout
+    pool = WorkerPool(
+        "decode", 1, decode_worker.main, lambda i: (layout, DecodeLimits()), metrics, 60, **options
+    )
+    await pool.start()
+    return pool
+
+
+async def test_a_standby_twin_takes_over_at_once_and_is_replaced() -> None:
+    metrics = Metrics()
+    with SlotPool(slots=2, payload_bytes=64 * 1024) as slots:
+        pool = await _pool(slots, metrics, standby=True)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while not (pool.standbys[0] and pool.standbys[0].state is WorkerState.RUNNING):
+                assert loop.time() - started < 60, "the twin did not start"
+                await asyncio.sleep(0.05)
+            victim, twin = pool.workers[0], pool.standbys[0]
+            assert twin.pid != victim.pid
+            killed = loop.time()
+            os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            while pool.workers[0] is not twin:
+                assert loop.time() - killed < 10, "the twin did not take over"
+                await asyncio.sleep(0.005)
+            print(f"capacity back {loop.time() - killed:.3f} s after the kill")
+            slot = slots.acquire()
+            n = slots.write_payload(slot, png((4, 5, 6)))
+            assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0  # served by the twin
+            while not (pool.standbys[0] and pool.standbys[0].pid not in (victim.pid, twin.pid)):
+                assert loop.time() - killed < 60, "no new twin was started"
+                await asyncio.sleep(0.05)
+            assert metrics.worker_restarts.labels("decode")._value.get() == 1
+        finally:
+            await pool.stop()
+
+
+async def test_a_hung_worker_is_killed_by_its_watchdog_and_its_request_fails() -> None:
+    metrics = Metrics()
+    with SlotPool(slots=2, payload_bytes=64 * 1024) as slots:
+        pool = await _pool(slots, metrics, hang_timeout_s=1.0)
+        try:
+            victim = pool.workers[0]
+            os.kill(victim.pid, signal.SIGSTOP)  # type: ignore[arg-type]  # alive, never answers
+            slot = slots.acquire()
+            n = slots.write_payload(slot, png((7, 8, 9)))
+            with pytest.raises(WorkerCrashed):
+                await asyncio.wait_for(victim.call((slot, n)), 30)
+            assert victim.hung
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while not (pool.running and pool.workers[0] is not victim):
+                assert loop.time() - started < 30, "the hung worker was not replaced"
+                await asyncio.sleep(0.05)
+            assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0
+        finally:
+            await pool.stop()
+
+
+async def test_an_idle_hung_worker_is_found_by_pings() -> None:
+    metrics = Metrics()
+    with SlotPool(slots=2, payload_bytes=64 * 1024) as slots:
+        pool = await _pool(slots, metrics, hang_timeout_s=1.0)
+        try:
+            victim = pool.workers[0]
+            os.kill(victim.pid, signal.SIGSTOP)  # type: ignore[arg-type]  # only pings can tell
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            while not victim.hung:
+                assert loop.time() - started < 10, "the idle hung worker was not detected"
+                await asyncio.sleep(0.05)
+            print(f"idle hung worker killed {loop.time() - started:.2f} s after SIGSTOP")
+        finally:
+            await pool.stop()

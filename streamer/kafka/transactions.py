@@ -1,0 +1,406 @@
+"""Exactly-once delivery: outputs and input offsets committed in one Kafka transaction.
+
+One transactional producer per owned input partition, with the transactional id
+``<prefix>-<topic>-<partition>``. aiokafka's ``send_offsets_to_transaction``
+takes a group id only (not the consumer-group metadata newer clients fence
+with), so fencing comes from the transactional id: the next owner of a
+partition starts a producer with the same id, which fences the old owner and
+settles its open transaction before the new owner reads the committed offset.
+
+Per partition, a ``PartitionWriter`` collects finished outcomes and, whenever
+some are ready, writes one transaction: the outcomes of the contiguous run of
+records above the last committed offset, in offset order, then the offset just
+past that run. A committed transaction therefore never holds an output for a
+record at or above the offset it commits, and a crash reprocesses only records
+whose outputs were aborted with their transaction: ``read_committed``
+consumers see every output exactly once.
+
+A failed transaction is written again with the same outcomes, which stay in
+memory until committed. The producer is replaced first: a new producer with the
+same id aborts the open transaction (or completes it, if its commit had already
+been accepted), and the group's committed offset then says which of the two
+happened. A record's task waits until its transaction commits, holding its
+in-flight permit, so ``max_in_flight`` bounds the outcomes held in memory.
+
+A fenced writer (another producer took the id) stops and abandons its records.
+If the consumer still owns the partition after a grace period (the coordinator
+also fences a transaction open longer than ``transaction_timeout_ms``), a new
+writer takes over from the committed offset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.structs import RecordMetadata, TopicPartition
+
+from streamer.config import Settings
+from streamer.errors import DeliveryAbandoned
+from streamer.kafka.clients import connection_options
+from streamer.kafka.intake import Intake
+from streamer.kafka.offsets import OffsetTracker, Ticket
+from streamer.kafka.publisher import BACKOFF_S
+from streamer.metrics import Metrics
+from streamer.pipeline.processor import Outcome
+
+log = logging.getLogger(__name__)
+
+ProducerFactory = Callable[[str], AIOKafkaProducer]
+ReadCommitted = Callable[[TopicPartition], Awaitable[int | None]]
+
+FENCED_RETAKE_S = 10.0  # a fenced writer's partition is taken back after this, if still ours
+PRODUCER_STOP_TIMEOUT_S = 5.0
+
+
+class _Fenced(Exception):
+    """Another producer owns this partition's transactional id."""
+
+
+@dataclass
+class _Entry:
+    outcome: Outcome
+    committed: asyncio.Future[None]
+
+
+def transactional_producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        transactional_id=transactional_id,
+        transaction_timeout_ms=settings.transaction_timeout_ms,
+        enable_idempotence=True,
+        acks="all",
+        # Dead letters carry the original payload, which may be large.
+        max_request_size=max(1024 * 1024, settings.max_payload_bytes + 65536),
+        **connection_options(settings),
+    )
+
+
+class PartitionWriter:
+    """The transactions of one input partition (see the module docstring)."""
+
+    def __init__(
+        self,
+        tp: TopicPartition,
+        settings: Settings,
+        metrics: Metrics,
+        tracker: OffsetTracker,
+        read_committed: ReadCommitted,
+        producer_factory: ProducerFactory,
+        on_fenced: Callable[[PartitionWriter], None],
+    ) -> None:
+        self.tp = tp
+        self.transactional_id = settings.transactional_id(tp.topic, tp.partition)
+        self._group_id = settings.group_id
+        self._metrics = metrics
+        self._tracker = tracker
+        self._read_committed = read_committed
+        self._new_producer = producer_factory
+        self._producer: AIOKafkaProducer | None = None
+        self._ready: dict[int, _Entry] = {}
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._on_fenced = on_fenced
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Start the producer (fencing any previous owner), then the writing loop."""
+        attempt = 0
+        while self._producer is None:
+            try:
+                await self._replace_producer()
+            except KafkaError as exc:
+                if self._closed:
+                    raise DeliveryAbandoned(f"{self.tp} closed while starting") from exc
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning(
+                    "transactional producer start failed id=%s error=%r retry_in_s=%.1f",
+                    self.transactional_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        self._task = asyncio.create_task(self._run(), name=f"transactions-{self.transactional_id}")
+        self._task.add_done_callback(self._on_task_done)
+        log.info("transactional producer started id=%s", self.transactional_id)
+
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
+        """Queue the outcome; return once its transaction has committed."""
+        if not self.healthy or not self._tracker.is_current(ticket):
+            raise DeliveryAbandoned(f"{self.tp} offset {ticket.offset}: partition not ours")
+        entry = _Entry(outcome, asyncio.get_running_loop().create_future())
+        self._ready[ticket.offset] = entry
+        self._tracker.done(ticket)
+        self._wakeup.set()
+        await asyncio.shield(entry.committed)
+
+    async def close(self, timeout_s: float) -> None:
+        """Commit what is ready (within ``timeout_s``), abandon the rest, stop the producer."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            _, pending = await asyncio.wait([self._task], timeout=timeout_s or None)
+            for task in pending:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._abandon_all()
+        await self._stop_producer()
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "transaction loop failed id=%s", self.transactional_id, exc_info=task.exception()
+            )
+
+    # ------------------------------------------------------------ the loop
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                target = self._tracker.committable({self.tp}).get(self.tp)
+                if target is not None:
+                    await self._write_run(target)
+                if self._closed:
+                    return
+        except _Fenced:
+            self._metrics.transactions.labels("fenced").inc()
+            log.warning("fenced: another producer owns id=%s", self.transactional_id)
+            self._on_fenced(self)
+        finally:
+            self._abandon_all()
+
+    async def _write_run(self, target: int) -> None:
+        """Commit every ready outcome below ``target``, with ``target`` as the offset."""
+        offsets = sorted(o for o in self._ready if o < target)
+        attempt = 0
+        started = time.perf_counter()
+        while True:
+            try:
+                await self._transaction(offsets, target)
+                break
+            except ProducerFenced as exc:
+                raise _Fenced from exc
+            except Exception as exc:  # any failure: replace the producer, then find out
+                self._metrics.transactions.labels("retried").inc()
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning(
+                    "transaction failed id=%s records=%d attempt=%d retry_in_s=%.1f error=%r",
+                    self.transactional_id,
+                    len(offsets),
+                    attempt,
+                    delay,
+                    exc,
+                )
+                if self._closed:
+                    return  # abandoned: the next owner settles it
+                await asyncio.sleep(delay)
+                if await self._recover(target):
+                    break  # the failed attempt had committed after all
+        self._metrics.transactions.labels("committed").inc()
+        self._metrics.transaction_seconds.observe(time.perf_counter() - started)
+        self._tracker.mark_committed({self.tp: target})
+        self._metrics.committed_offset.labels(self.tp.topic, str(self.tp.partition)).set(target)
+        for offset in offsets:
+            entry = self._ready.pop(offset)
+            if not entry.committed.done():
+                entry.committed.set_result(None)
+
+    async def _transaction(self, offsets: list[int], target: int) -> None:
+        producer = self._producer
+        assert producer is not None
+        await producer.begin_transaction()
+        sends = [await self._send(producer, self._ready[o]) for o in offsets]
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for offset, result in zip(offsets, results, strict=True):
+            if isinstance(result, MessageSizeTooLargeError):
+                self._shrink(self._ready[offset])  # the retry sends it without the payload
+        if errors:
+            raise errors[0]
+        await producer.send_offsets_to_transaction({self.tp: target}, self._group_id)
+        await producer.commit_transaction()
+
+    async def _send(
+        self, producer: AIOKafkaProducer, entry: _Entry
+    ) -> asyncio.Future[RecordMetadata]:
+        """Append one outcome to the open transaction; the future resolves on the ack."""
+        o = entry.outcome
+        try:
+            return await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
+        except MessageSizeTooLargeError:
+            self._shrink(entry)
+            o = entry.outcome
+            return await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
+
+    @staticmethod
+    def _shrink(entry: _Entry) -> None:
+        """A dead letter the topic cannot hold goes without its payload (and says so)."""
+        if entry.outcome.dead_letter_reason is None or entry.outcome.value is None:
+            raise MessageSizeTooLargeError("prediction larger than max_request_size")
+        entry.outcome = entry.outcome.without_value()
+
+    async def _recover(self, target: int) -> bool:
+        """New producer (settles the failed transaction); True if that one committed."""
+        attempt = 0
+        while not self._closed:
+            try:
+                await self._replace_producer()
+                committed = await self._read_committed(self.tp)
+            except ProducerFenced as exc:
+                raise _Fenced from exc
+            except KafkaError as exc:
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning(
+                    "transaction recovery failed id=%s error=%r retry_in_s=%.1f",
+                    self.transactional_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            if committed == target:
+                return True
+            if committed != self._tracker.committed(self.tp):
+                raise _Fenced(f"committed offset moved to {committed} under us")
+            return False
+        return False
+
+    async def _replace_producer(self) -> None:
+        await self._stop_producer()
+        producer = self._new_producer(self.transactional_id)
+        try:
+            await producer.start()  # InitProducerId: fences older producers with this id
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+            raise
+        self._producer = producer
+
+    async def _stop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), PRODUCER_STOP_TIMEOUT_S)
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("stopping producer failed id=%s error=%r", self.transactional_id, exc)
+
+    def _abandon_all(self) -> None:
+        entries, self._ready = self._ready, {}
+        for entry in entries.values():
+            if not entry.committed.done():
+                entry.committed.set_exception(DeliveryAbandoned(f"{self.tp}: not committed"))
+                entry.committed.exception()  # retrieved: a task may already have gone
+
+
+class ExactlyOnce:
+    """The exactly-once ``Delivery``: a ``PartitionWriter`` per owned input partition."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        tracker: OffsetTracker,
+        intake: Intake,
+        producer_factory: ProducerFactory | None = None,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._tracker = tracker
+        self._intake = intake
+        self._new_producer = producer_factory or (
+            lambda transactional_id: transactional_producer(settings, transactional_id)
+        )
+        self._writers: dict[TopicPartition, PartitionWriter] = {}
+        self._retakes: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    async def start(self) -> None:
+        pass  # writers start with the assignment
+
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
+        writer = self._writers.get(ticket.tp)
+        if writer is None:
+            raise DeliveryAbandoned(f"{ticket.tp} is not assigned here")
+        await writer.deliver(ticket, outcome)
+
+    def accepts(self, tp: TopicPartition) -> bool:
+        writer = self._writers.get(tp)
+        return writer is not None and writer.healthy
+
+    async def assigned(self, partitions: set[TopicPartition]) -> None:
+        await asyncio.gather(*(self._open(tp) for tp in partitions))
+
+    async def revoked(self, partitions: set[TopicPartition]) -> None:
+        writers = [w for tp in partitions if (w := self._writers.pop(tp, None))]
+        await asyncio.gather(*(w.close(self._settings.drain_timeout_s) for w in writers))
+
+    async def commit(self) -> None:
+        pass  # each writer commits as soon as outcomes are ready
+
+    def abandon(self) -> None:
+        self._stopping = True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in list(self._retakes):
+            task.cancel()
+        await asyncio.gather(*self._retakes, return_exceptions=True)
+        writers, self._writers = list(self._writers.values()), {}
+        await asyncio.gather(*(w.close(self._settings.drain_timeout_s) for w in writers))
+
+    async def _open(self, tp: TopicPartition) -> PartitionWriter:
+        writer = PartitionWriter(
+            tp,
+            self._settings,
+            self._metrics,
+            self._tracker,
+            self._committed,
+            self._new_producer,
+            self._on_fenced,
+        )
+        self._writers[tp] = writer
+        await writer.start()
+        return writer
+
+    async def _committed(self, tp: TopicPartition) -> int | None:
+        result: int | None = await self._intake.consumer.committed(tp)
+        return result
+
+    def _on_fenced(self, writer: PartitionWriter) -> None:
+        if not self._stopping:
+            task = asyncio.create_task(self._retake(writer.tp, writer), name=f"retake-{writer.tp}")
+            self._retakes.add(task)
+            task.add_done_callback(self._retakes.discard)
+
+    async def _retake(self, tp: TopicPartition, fenced: PartitionWriter) -> None:
+        """Take a fenced partition back if the group still gives it to us."""
+        await asyncio.sleep(FENCED_RETAKE_S)
+        if self._stopping or self._writers.get(tp) is not fenced or not self._intake.owns(tp):
+            return
+        log.warning("taking back fenced partition %s", tp)
+        await fenced.close(0)
+        await self._open(tp)
+        attempt = 0
+        while not self._stopping:
+            try:
+                await self._intake.rewind(tp)
+                return
+            except KafkaError as exc:
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("rewind failed partition=%s error=%r", tp, exc)
+                await asyncio.sleep(delay)
