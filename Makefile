@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps kafka-up kafka-down test test-unit demo lint bench chaos fuzz clean
+.PHONY: bench-gpu setup system-deps kafka-up kafka-down test test-unit demo lint bench chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ BENCH_ARGS ?=
 bench: setup
 	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up
 	$(BIN)/streamer bench $(BENCH_ARGS)
+
+# The accelerator check (issue 3): ceiling and engine on CUDA, fp16, 500x375 JPEGs decoded on
+# the GPU; no Kafka. Run it where a GPU is; it finishes in a few minutes on one H100.
+bench-gpu: setup
+	$(BIN)/streamer bench --gpu $(BENCH_ARGS)
 
 bench-quick: setup
 	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up

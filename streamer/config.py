@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     top_k: int = Field(5, ge=1, le=1000)
     inference_threads: int | None = Field(None, ge=1)
+    # Where JPEGs are decoded: "auto" = on the inference device when it is CUDA.
+    jpeg_decode: Literal["auto", "cpu", "device"] = "auto"
 
     # Throughput and memory bounds
     max_in_flight: int = Field(128, ge=1)

@@ -22,13 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def run_ceiling(
-    weights: str, precision: str, threads: int, batch_sizes: tuple[int, ...], min_s: float
+    weights: str,
+    precision: str,
+    threads: int,
+    batch_sizes: tuple[int, ...],
+    min_s: float,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Images per second and seconds per forward pass for each batch size."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        classifier = Classifier(InferenceConfig(WeightsSpec.parse(weights), "cpu", precision))
+        classifier = Classifier(InferenceConfig(WeightsSpec.parse(weights), device, precision))
         generator = torch.Generator().manual_seed(0)
         by_batch: dict[str, dict[str, float]] = {}
         for size in batch_sizes:
@@ -51,6 +56,7 @@ def run_ceiling(
         torch.set_num_threads(previous_threads)
     best = max(by_batch, key=lambda k: by_batch[k]["images_per_s"])
     return {
+        "device": device,
         "threads": threads,
         "precision": precision,
         "by_batch_size": by_batch,

@@ -37,7 +37,7 @@ def summary_table(results: dict[str, Any]) -> str:
         (
             "machine",
             f"{m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / GIB:.1f} GiB RAM, "
-            f"GPU: {'yes' if m['gpu'] else 'no'}",
+            f"GPU: {m['gpu'] or 'none'}",
         ),
         (
             "precision / weights",

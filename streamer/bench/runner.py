@@ -42,6 +42,7 @@ from streamer.bench.workload import (
     service_settings,
 )
 from streamer.config import Settings
+from streamer.workers.devices import cuda_device_count, resolve_devices
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def machine() -> dict[str, Any]:
         "cpu_model": model or platform.processor(),
         "cores": os.cpu_count(),
         "ram_bytes": psutil.virtual_memory().total,
-        "gpu": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -76,7 +77,7 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
     await asyncio.to_thread(results_dir.mkdir, parents=True, exist_ok=True)
     settings = service_settings(config, run_prefix(), metrics_port=free_port())
     threads = inference_threads(settings)
-    corpus = payloads(config.corpus_size)
+    corpus = payloads(config.corpus_size, sizes=config.corpus_sizes)
     batch_sizes = tuple(sorted({*config.ceiling_batch_sizes, config.max_batch_size}))
     results: dict[str, Any] = {
         "machine": machine(),
@@ -94,7 +95,12 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
     if "ceiling" in stages:
         log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
         results["ceiling"] = run_ceiling(
-            config.weights, config.precision, threads, batch_sizes, config.ceiling_min_s
+            config.weights,
+            config.precision,
+            threads,
+            batch_sizes,
+            config.ceiling_min_s,
+            device=settings_device(settings),
         )
         results["ceiling"]["load_average_after"] = os.getloadavg()
     if "engine" in stages:
@@ -106,7 +112,12 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
     if "ceiling" in stages and config.ceiling_again_at_end:
         log.info("bench (a) ceiling again, at the end of the run")
         again = run_ceiling(
-            config.weights, config.precision, threads, batch_sizes, config.ceiling_min_s
+            config.weights,
+            config.precision,
+            threads,
+            batch_sizes,
+            config.ceiling_min_s,
+            device=settings_device(settings),
         )
         again["load_average_after"] = os.getloadavg()
         results["ceiling"] = best_of([results["ceiling"], again])
@@ -199,3 +210,8 @@ async def _kafka_stages(
     results["metrics_cost"] = metrics_cost.measure(
         results["e2e"]["images_per_s"], config.max_batch_size
     )
+
+
+def settings_device(settings: Settings) -> str:
+    """The device the engine's (first) inference worker uses, for the ceiling to match."""
+    return resolve_devices(settings.device, cuda_device_count())[0]

@@ -16,6 +16,10 @@ def full_batch_forward_s(results: dict[str, Any]) -> float:
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each target the run has the figures for (a partial run judges fewer)."""
     out: dict[str, dict[str, Any]] = {}
+    engine = results.get("engine", {}).get("images_per_s")
+    if engine is not None and results.get("ceiling", {}).get("device", "cpu") != "cpu":
+        ratio = engine / results["ceiling"]["images_per_s"]
+        out["gpu_engine_vs_ceiling"] = {"target": ">= 0.70", "value": ratio, "met": ratio >= 0.70}
     e2e = results.get("e2e", {}).get("images_per_s")
     if e2e is not None and "ceiling" in results:
         ratio = e2e / results["ceiling"]["images_per_s"]

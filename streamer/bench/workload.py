@@ -21,6 +21,7 @@ class BenchConfig:
     """Everything a run needs; ``full()`` and ``quick()`` are the two presets."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
+    device: str = "cpu"
     precision: str = "fp32"
     max_batch_size: int = 32
     max_batch_delay_ms: float = 10.0
@@ -30,6 +31,7 @@ class BenchConfig:
     weights: str = "random:0"  # pretrained weights cannot be downloaded offline
     partitions: int = 3
     corpus_size: int = 64  # distinct images, cycled
+    corpus_sizes: tuple[tuple[int, int], ...] = CORPUS_SIZES
     ceiling_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     ceiling_min_s: float = 3.0  # per batch size, after one warm-up pass
     ceiling_again_at_end: bool = True  # a second sweep; per batch size the faster counts
@@ -50,6 +52,27 @@ class BenchConfig:
         return cls(**overrides)
 
     @classmethod
+    def gpu(cls, **overrides: Any) -> BenchConfig:
+        """The accelerator check: ceiling and engine only (no Kafka there), 500x375 JPEGs
+        decoded on the device, fp16; sized to finish in a few minutes on an H100."""
+        values: dict[str, Any] = {
+            "device": "cuda",
+            "precision": "fp16",
+            "max_batch_size": 256,
+            "max_batch_delay_ms": 5.0,
+            "max_in_flight": 2048,
+            "corpus_size": 128,
+            "corpus_sizes": ((500, 375),),
+            "ceiling_batch_sizes": (32, 64, 128, 256, 512),
+            "ceiling_again_at_end": False,
+            "engine_records": 60_000,
+            "stages": ("ceiling", "engine"),
+            "skip_soak": True,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
         values: dict[str, Any] = {
             "corpus_size": 16,
@@ -67,11 +90,11 @@ class BenchConfig:
         return cls(**values)
 
 
-def payloads(count: int, seed: int = 0) -> list[bytes]:
+def payloads(
+    count: int, seed: int = 0, sizes: tuple[tuple[int, int], ...] = CORPUS_SIZES
+) -> list[bytes]:
     """The fixed corpus: real photos (then synthetic fill) as JPEG at 500x375 and 224x224."""
-    return [
-        s.data for s in corpus.generate(count, seed=seed, sizes=CORPUS_SIZES, formats=("JPEG",))
-    ]
+    return [s.data for s in corpus.generate(count, seed=seed, sizes=sizes, formats=("JPEG",))]
 
 
 def run_prefix() -> str:
@@ -96,7 +119,7 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         "group_id": prefix,
         "client_id": prefix,
         "weights": config.weights,
-        "device": "cpu",
+        "device": config.device,
         "precision": config.precision,
         "max_batch_size": config.max_batch_size,
         "max_batch_delay_ms": config.max_batch_delay_ms,

@@ -24,7 +24,9 @@ the consumer fetches them again from the committed offset.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -35,6 +37,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from streamer.config import Settings
 from streamer.kafka.clients import connection_options
 from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.publisher import BACKOFF_S
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -170,12 +173,31 @@ class Intake:
         # settles that owner's open transaction, offsets included.
         await self._on_assign(assigned)
         for tp in assigned:
+            await self._seek_until_done(tp)
+        self.update_lag()  # seeded from the committed offsets: a stall shows from the start
+
+    async def _seek_until_done(self, tp: TopicPartition) -> None:
+        """Seek to the committed offset, retrying while the broker cannot say what it is.
+
+        Not optional: records of ``tp`` fetched before the seek may have been dropped
+        (stale generation, or no transactional producer ready yet), and only the seek
+        fetches them again. Giving up would let later offsets commit past them.
+        """
+        for attempt in itertools.count():
             try:
                 await self._seek_to_committed(tp)
+                return
             except KafkaError as exc:
-                # The consumer's own position (from the same committed offset) stands.
-                log.warning("could not read committed offset partition=%s error=%r", tp, exc)
-        self.update_lag()  # seeded from the committed offsets: a stall shows from the start
+                if self._stopping or tp not in self.consumer.assignment():
+                    return  # revoked meanwhile: the next owner seeks
+                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                log.warning(
+                    "could not read committed offset partition=%s retry_in_s=%.1f error=%r",
+                    tp,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
 
     async def _seek_to_committed(self, tp: TopicPartition, rewind: bool = False) -> None:
         """Start a new generation of ``tp`` at the group's committed offset.

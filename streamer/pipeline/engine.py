@@ -25,14 +25,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamer.config import Settings
-from streamer.errors import PayloadTooLarge, RetriesExhausted, StreamerError, WorkerCrashed
+from streamer.errors import (
+    DecodeError,
+    PayloadTooLarge,
+    RetriesExhausted,
+    StreamerError,
+    WorkerCrashed,
+)
 from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.schemas import ModelInfo
 from streamer.workers import decode_worker, inference_worker
 from streamer.workers.decode import DecodeLimits
-from streamer.workers.devices import check_precision, cuda_device_count, resolve_devices
-from streamer.workers.inference_worker import BatchResult, InferenceConfig
+from streamer.workers.devices import (
+    check_precision,
+    cuda_device_count,
+    jpeg_on_device,
+    resolve_devices,
+)
+from streamer.workers.inference_worker import BatchEntry, BatchResult, InferenceConfig
 from streamer.workers.models import MODEL_NAME, WeightsSpec
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool, sweep_orphans
@@ -63,19 +74,23 @@ class _BatchItem:
     dispatched_at: float
 
 
+_Result = _BatchItem | WorkerCrashed | DecodeError  # one entry's outcome of a batch
+
+
 class Engine:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.weights = WeightsSpec.parse(settings.weights)
         self.devices = resolve_devices(settings.device, cuda_device_count())
+        self.device_jpeg = jpeg_on_device(settings.jpeg_decode, self.devices)
         for device in self.devices:
             check_precision(settings.precision, device)
         self.slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
         self.model_info: ModelInfo | None = None
         self.decoders: WorkerPool | None = None
         self.inference: WorkerPool | None = None
-        self._batcher: Batcher[int, _BatchItem | WorkerCrashed] | None = None
+        self._batcher: Batcher[BatchEntry, _Result] | None = None
 
     async def start(self) -> None:
         try:
@@ -107,7 +122,9 @@ class Engine:
             inference_worker.main,
             lambda i: (
                 layout,
-                InferenceConfig(self.weights, self.devices[i], s.precision, s.top_k, threads),
+                InferenceConfig(
+                    self.weights, self.devices[i], s.precision, s.top_k, threads, limits=limits
+                ),
             ),
             self.metrics,
             s.worker_start_timeout_s,
@@ -172,11 +189,15 @@ class Engine:
         for attempt in range(1, attempts + 1):
             try:
                 if decode_s is None:
-                    decode_s = await self.decoders.submit((slot, length))
+                    decode_s, orientation = await self.decoders.submit(
+                        (slot, length, self.device_jpeg)
+                    )
                     decoded_at = time.perf_counter()
-                item = await self._batcher.submit(slot)
-                if isinstance(item, WorkerCrashed):
-                    raise item  # alone in a batch, this record killed the worker
+                    # orientation > 0: a JPEG left encoded for the inference device
+                    entry = BatchEntry(slot, length if orientation else 0, orientation or 1)
+                item = await self._batcher.submit(entry)
+                if isinstance(item, WorkerCrashed | DecodeError):
+                    raise item  # the device could not decode it, or it killed the worker alone
                 return Classified(
                     item.indices,
                     item.scores,
@@ -199,10 +220,10 @@ class Engine:
                 log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _run_batch(self, slots: Sequence[int]) -> list[_BatchItem | WorkerCrashed]:
-        return await self._infer(list(slots))
+    async def _run_batch(self, entries: Sequence[BatchEntry]) -> list[_Result]:
+        return await self._infer(list(entries))
 
-    async def _infer(self, slots: list[int]) -> list[_BatchItem | WorkerCrashed]:
+    async def _infer(self, slots: list[BatchEntry]) -> list[_Result]:
         """Run one batch; if the worker dies, isolate the culprit by retrying in halves.
 
         Every record of a batch that crashed the worker is suspect. Re-running the
@@ -224,10 +245,13 @@ class Engine:
             return await self._infer(slots[:half]) + await self._infer(slots[half:])
         self._record_device(result)
         n = len(slots)
-        return [
+        items: list[_Result] = [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)
         ]
+        for position, error in result.errors:
+            items[position] = error
+        return items
 
     def _record_device(self, result: BatchResult) -> None:
         if result.device_memory_bytes is not None:

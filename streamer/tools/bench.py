@@ -19,15 +19,21 @@ from streamer import logs
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser("bench", help="run the benchmarks (see docs/BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="small corpus, short phases and soak")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the accelerator check: ceiling and engine on CUDA, fp16, no Kafka (make bench-gpu)",
+    )
     parser.add_argument("--results", type=Path, default=None, help="results folder")
     parser.add_argument("--skip-soak", action="store_true", help="leave out the RSS soak")
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batch-delay-ms", type=float, default=None)
     parser.add_argument("--max-in-flight", type=int, default=None)
     parser.add_argument("--decode-workers", type=int, default=None)
     parser.add_argument("--inference-threads", type=int, default=None)
+    parser.add_argument("--engine-records", type=int, default=None)
     parser.add_argument("--e2e-records", type=int, default=None)
     parser.add_argument("--naive-records", type=int, default=None)
     parser.add_argument("--latency-s", type=float, default=None, help="seconds per latency phase")
@@ -44,17 +50,17 @@ def add_parser(commands: Any) -> None:
 def config_from_args(args: argparse.Namespace) -> Any:
     from streamer.bench.workload import BenchConfig
 
-    overrides: dict[str, Any] = {
-        "bootstrap_servers": args.bootstrap_servers,
-        "precision": args.precision,
-        "skip_soak": args.skip_soak,
-    }
+    overrides: dict[str, Any] = {"bootstrap_servers": args.bootstrap_servers}
+    if args.skip_soak:
+        overrides["skip_soak"] = True
     for name in (
+        "precision",
         "max_batch_size",
         "max_batch_delay_ms",
         "max_in_flight",
         "decode_workers",
         "inference_threads",
+        "engine_records",
         "e2e_records",
         "naive_records",
         "latency_s",
@@ -67,6 +73,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         overrides["stages"] = tuple(x.strip() for x in args.stages.split(",") if x.strip())
     if args.soak_s is not None:
         overrides["soak_samples_s"] = (min(120.0, args.soak_s / 5), args.soak_s)
+    if args.gpu:
+        return BenchConfig.gpu(**overrides)
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig.full(**overrides)
 
 

@@ -123,7 +123,11 @@ def resize_and_crop(image: Image.Image) -> Image.Image:
 
 def decode_into(payload: bytes | memoryview, out: np.ndarray, limits: DecodeLimits) -> None:
     """Decode ``payload`` and write 3x224x224 uint8 pixels into ``out`` (CHW)."""
-    image = open_image(payload, limits)
+    decode_opened(open_image(payload, limits), out)
+
+
+def decode_opened(image: Image.Image, out: np.ndarray) -> None:
+    """Decode an image from ``open_image`` into ``out`` (CHW), and close it."""
     try:
         rgb = to_rgb(image)
         pixels = np.asarray(resize_and_crop(rgb), dtype=np.uint8)  # HWC

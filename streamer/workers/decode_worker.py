@@ -1,4 +1,9 @@
-"""Decode worker process: payload slot in, 3x224x224 uint8 pixel slot out."""
+"""Decode worker process: payload slot in, 3x224x224 uint8 pixel slot out.
+
+With ``defer_jpeg`` (JPEGs are decoded on the inference device), a JPEG the
+device can take is only checked (limits, allow-list) and probed for its EXIF
+orientation; its pixels are left for the inference worker.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import time
 from multiprocessing.connection import Connection
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import DecodeLimits, decode_into
+from streamer.workers.decode import DecodeLimits, decode_opened, open_image
+from streamer.workers.device_decode import probe
 from streamer.workers.process import serve
 from streamer.workers.shm import SlotLayout, SlotView
 
@@ -20,16 +26,22 @@ def main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     view = SlotView.attach(layout)
 
-    def handle(body: tuple[int, int]) -> float:
-        slot, length = body
+    def handle(body: tuple[int, int, bool]) -> tuple[float, int]:
+        """(seconds, 0) once the pixels are in the slot; (seconds, EXIF orientation) if deferred."""
+        slot, length, defer_jpeg = body
         started = time.perf_counter()
         try:
-            decode_into(view.payload(slot, length), view.pixels[slot], limits)
+            image = open_image(view.payload(slot, length), limits)
+            orientation = probe(image) if defer_jpeg else None
+            if orientation is not None:
+                image.close()
+                return time.perf_counter() - started, orientation
+            decode_opened(image, view.pixels[slot])
         except DecodeError:
             raise
         except Exception as exc:  # Pillow has many ways to fail on hostile input
             raise DecodeError(f"{type(exc).__name__}: {exc}", reason="decode-failed") from exc
-        return time.perf_counter() - started
+        return time.perf_counter() - started, 0
 
     try:
         serve(requests, replies, handle, ready_info=os.getpid())

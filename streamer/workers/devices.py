@@ -31,3 +31,17 @@ def cuda_device_count() -> int:
 def check_precision(precision: str, device: str) -> None:
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+
+
+def jpeg_on_device(mode: str, devices: list[str]) -> bool:
+    """Whether JPEGs are decoded by the inference worker on its device.
+
+    ``auto`` does so on CUDA (nvjpeg, batched) and not on the CPU, where the decode
+    workers already run in parallel with inference; ``device`` forces it (on the
+    CPU too, which is how the path is tested without a GPU); ``cpu`` never.
+    """
+    if mode == "auto":
+        return all(d.startswith("cuda") for d in devices)
+    if mode in ("device", "cpu"):
+        return mode == "device"
+    raise ConfigError(f"unknown jpeg_decode {mode!r}; expected auto, cpu or device")

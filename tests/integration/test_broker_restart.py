@@ -65,7 +65,7 @@ async def test_service_survives_a_broker_restart(
         await produce(options, settings.input_topic, _messages(second))
         await wait_for(
             lambda: predicted._value.get() >= len(first) + len(second),
-            600,
+            float(os.environ.get("RESTART_WAIT_S", "600")),
             "every prediction after the restart",
         )
         assert service.state.value == "running"

@@ -52,13 +52,13 @@ async def test_decode_worker_writes_pixels_into_the_slot_and_reports_bad_input(d
     pool, slots, _ = decoders
     slot = slots.acquire()
     n = slots.write_payload(slot, png((10, 200, 30)))
-    seconds = await asyncio.wait_for(pool.submit((slot, n)), 30)
-    assert seconds > 0
+    seconds, deferred = await asyncio.wait_for(pool.submit((slot, n, False)), 30)
+    assert seconds > 0 and deferred == 0
     assert np.all(slots.view.pixels[slot][:, 0, 0] == [10, 200, 30])
 
     n = slots.write_payload(slot, b"definitely not an image")
     with pytest.raises(DecodeError) as info:
-        await asyncio.wait_for(pool.submit((slot, n)), 30)
+        await asyncio.wait_for(pool.submit((slot, n, False)), 30)
     assert info.value.reason == "not-an-image"
 
 
@@ -70,7 +70,7 @@ async def test_a_killed_worker_fails_its_requests_and_is_respawned(decoders) -> 
     os.kill(victim.pid, signal.SIGKILL)
     # A request to the dying worker fails with WorkerCrashed (retriable), never hangs.
     with pytest.raises(WorkerCrashed) as info:
-        await asyncio.wait_for(victim.call((slot, n)), 30)
+        await asyncio.wait_for(victim.call((slot, n, False)), 30)
     assert info.value.retriable
 
     loop = asyncio.get_running_loop()
@@ -80,7 +80,7 @@ async def test_a_killed_worker_fails_its_requests_and_is_respawned(decoders) -> 
         await asyncio.sleep(0.05)
     print(f"capacity back {loop.time() - started:.2f} s after the kill")
     assert metrics.worker_restarts.labels("decode")._value.get() == 1
-    assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0
+    assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[0] > 0
 
 
 async def _pool(slots: SlotPool, metrics: Metrics, **options) -> WorkerPool:  # type: ignore[no-untyped-def]
@@ -112,7 +112,9 @@ async def test_a_standby_twin_takes_over_at_once_and_is_replaced() -> None:
             print(f"capacity back {loop.time() - killed:.3f} s after the kill")
             slot = slots.acquire()
             n = slots.write_payload(slot, png((4, 5, 6)))
-            assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0  # served by the twin
+            assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[
+                0
+            ] > 0  # served by the twin
             while not (pool.standbys[0] and pool.standbys[0].pid not in (victim.pid, twin.pid)):
                 assert loop.time() - killed < 60, "no new twin was started"
                 await asyncio.sleep(0.05)
@@ -131,14 +133,14 @@ async def test_a_hung_worker_is_killed_by_its_watchdog_and_its_request_fails() -
             slot = slots.acquire()
             n = slots.write_payload(slot, png((7, 8, 9)))
             with pytest.raises(WorkerCrashed):
-                await asyncio.wait_for(victim.call((slot, n)), 30)
+                await asyncio.wait_for(victim.call((slot, n, False)), 30)
             assert victim.hung
             loop = asyncio.get_running_loop()
             started = loop.time()
             while not (pool.running and pool.workers[0] is not victim):
                 assert loop.time() - started < 30, "the hung worker was not replaced"
                 await asyncio.sleep(0.05)
-            assert await asyncio.wait_for(pool.submit((slot, n)), 30) > 0
+            assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[0] > 0
         finally:
             await pool.stop()
 
@@ -158,3 +160,24 @@ async def test_an_idle_hung_worker_is_found_by_pings() -> None:
             print(f"idle hung worker killed {loop.time() - started:.2f} s after SIGSTOP")
         finally:
             await pool.stop()
+
+
+async def test_with_device_jpeg_decoding_a_jpeg_is_only_checked_and_left_encoded(
+    decoders,
+) -> None:
+    pool, slots, _ = decoders
+    slot = slots.acquire()
+    slots.view.pixels[slot][...] = 7
+    buffer = io.BytesIO()
+    Image.new("RGB", (300, 260), (200, 10, 10)).save(buffer, "JPEG")
+    n = slots.write_payload(slot, buffer.getvalue())
+    _, orientation = await asyncio.wait_for(pool.submit((slot, n, True)), 30)
+    assert orientation == 1  # deferred to the inference worker
+    assert np.all(slots.view.pixels[slot] == 7)  # no pixels were written
+    n = slots.write_payload(slot, png((200, 10, 10)))
+    _, orientation = await asyncio.wait_for(pool.submit((slot, n, True)), 30)
+    assert orientation == 0  # not a JPEG: decoded here
+    assert np.all(slots.view.pixels[slot][:, 0, 0] == [200, 10, 10])
+    n = slots.write_payload(slot, buffer.getvalue()[:40])
+    with pytest.raises(DecodeError):  # limits and headers are still checked here
+        await asyncio.wait_for(pool.submit((slot, n, True)), 30)
