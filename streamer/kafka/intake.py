@@ -37,7 +37,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from streamer.config import Settings
 from streamer.kafka.clients import connection_options
 from streamer.kafka.offsets import OffsetTracker
-from streamer.kafka.publisher import BACKOFF_S
+from streamer.kafka.publisher import backoff_s
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Intake:
             except KafkaError as exc:
                 if self._stopping or tp not in self.consumer.assignment():
                     return  # revoked meanwhile: the next owner seeks
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 log.warning(
                     "could not read committed offset partition=%s retry_in_s=%.1f error=%r",
                     tp,

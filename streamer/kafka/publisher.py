@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): capped exponential."""
+    return BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+
+
 class PublisherClosed(DeliveryAbandoned):
     """The service is stopping; the send was abandoned (its input stays uncommitted)."""
 
@@ -112,7 +117,7 @@ class Publisher:
                 await self._recreate(producer)
             except KafkaError as exc:
                 self._metrics.produce_errors.labels(topic).inc()
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 attempt += 1
                 log.warning(
                     "send failed topic=%s attempt=%d retry_in_s=%.1f error=%r",

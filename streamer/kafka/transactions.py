@@ -46,7 +46,7 @@ from streamer.errors import DeliveryAbandoned
 from streamer.kafka.clients import connection_options
 from streamer.kafka.intake import Intake
 from streamer.kafka.offsets import OffsetTracker, Ticket
-from streamer.kafka.publisher import BACKOFF_S
+from streamer.kafka.publisher import backoff_s
 from streamer.metrics import Metrics
 from streamer.pipeline.processor import Outcome
 
@@ -121,7 +121,7 @@ class PartitionWriter:
             except KafkaError as exc:
                 if self._closed:
                     raise DeliveryAbandoned(f"{self.tp} closed while starting") from exc
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 attempt += 1
                 log.warning(
                     "transactional producer start failed id=%s error=%r retry_in_s=%.1f",
@@ -194,7 +194,7 @@ class PartitionWriter:
                 raise _Fenced from exc
             except Exception as exc:  # any failure: replace the producer, then find out
                 self._metrics.transactions.labels("retried").inc()
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 attempt += 1
                 log.warning(
                     "transaction failed id=%s records=%d attempt=%d retry_in_s=%.1f error=%r",
@@ -262,7 +262,7 @@ class PartitionWriter:
             except ProducerFenced as exc:
                 raise _Fenced from exc
             except KafkaError as exc:
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 attempt += 1
                 log.warning(
                     "transaction recovery failed id=%s error=%r retry_in_s=%.1f",
@@ -400,7 +400,7 @@ class ExactlyOnce:
                 await self._intake.rewind(tp)
                 return
             except KafkaError as exc:
-                delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
+                delay = backoff_s(attempt)
                 attempt += 1
                 log.warning("rewind failed partition=%s error=%r", tp, exc)
                 await asyncio.sleep(delay)

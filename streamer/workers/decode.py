@@ -23,6 +23,8 @@ from streamer.errors import DecodeError
 
 RESIZE = 256
 CROP = 224
+EXIF_ORIENTATION = 0x0112
+DEVICE_JPEG_MODES = ("RGB", "L")  # JPEG colour modes the device decoder handles
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,19 @@ def decode(payload: bytes | memoryview, limits: DecodeLimits | None = None) -> n
     out = np.empty((3, CROP, CROP), dtype=np.uint8)
     decode_into(payload, out, limits or DecodeLimits())
     return out
+
+
+def probe(image: Image.Image) -> int | None:
+    """For device JPEG decoding: the EXIF orientation (1-8) of an opened JPEG that the
+    device decoder can take, else None (the image is decoded here, on the CPU).
+
+    Only header work: no pixels are decoded. Lives here, not in ``device_decode``,
+    so that decode workers never import torch.
+    """
+    if image.format != "JPEG" or image.mode not in DEVICE_JPEG_MODES:
+        return None
+    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
 
 
 def _failure_reason(exc: BaseException) -> str:

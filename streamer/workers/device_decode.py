@@ -25,24 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import CROP, resized_size
+from streamer.workers.decode import CROP, EXIF_ORIENTATION, probe, resized_size
 
-EXIF_ORIENTATION = 0x0112
-DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder handles
-
-
-def probe(image: Image.Image) -> int | None:
-    """EXIF orientation (1-8) of an opened JPEG the device can decode, else None."""
-    if image.format != "JPEG" or image.mode not in DEVICE_MODES:
-        return None
-    orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    return orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else 1
-
+__all__ = ["EXIF_ORIENTATION", "EncodedJpeg", "JpegBatchDecoder", "orient", "probe"]
 
 # What PIL's ImageOps.exif_transpose does for each orientation, on a CHW tensor.
 _ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {

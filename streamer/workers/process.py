@@ -145,6 +145,7 @@ class WorkerProcess:
         self._ids = itertools.count()
         self._reader_task: asyncio.Task[None] | None = None
         self._writer: asyncio.WriteTransport | None = None
+        self._read_transport: asyncio.ReadTransport | None = None
         self._ready: asyncio.Future[Any] | None = None
 
     @property
@@ -185,7 +186,9 @@ class WorkerProcess:
         write_file = os.fdopen(os.dup(req_write.fileno()), "wb", buffering=0)
         rep_read.close()
         req_write.close()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), read_file)
+        self._read_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), read_file
+        )
         self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, write_file)
         self._ready = loop.create_future()
         self._reader_task = asyncio.create_task(
@@ -194,13 +197,30 @@ class WorkerProcess:
         try:
             self.ready_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except (TimeoutError, WorkerCrashed) as exc:
+            if self._ready.done() and not self._ready.cancelled():
+                self._ready.exception()  # retrieved here, reported below
             await self.kill()
             raise WorkerStartError(f"{self.name} did not start: {exc}") from exc
+        except asyncio.CancelledError:
+            self._abandon_start()  # e.g. the pool stops while a standby is starting
+            raise
         self.state = WorkerState.RUNNING
         self._last_reply = loop.time()
         if self._hang_timeout_s is not None:
             self._watchdog = asyncio.create_task(self._watch(), name=f"{self.name}-watchdog")
         log.info("worker started worker=%s pid=%s", self.name, self.pid)
+
+    def _abandon_start(self) -> None:
+        """Synchronous cleanup of a cancelled start: nothing may be left running or open."""
+        if self._process is not None and self._process.exitcode is None:
+            self._process.kill()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        for transport in (self._read_transport, self._writer):
+            if transport is not None:
+                transport.close()
+        self._read_transport = self._writer = None
+        self.state = WorkerState.STOPPED
 
     def call(self, body: Any) -> asyncio.Future[Any]:
         """Send one request; the future gets the reply value or its error."""
@@ -291,6 +311,9 @@ class WorkerProcess:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._read_transport is not None:
+            self._read_transport.close()
+            self._read_transport = None
         if not expected:
             log.error(
                 "worker died worker=%s pid=%s exitcode=%s killed_as_hung=%s",

@@ -356,9 +356,10 @@ def test_huge_header_is_rejected_fast_without_decoding() -> None:
     payload = grey_png(100_000, 100_000, zlib.compress(b"\x00" * 100))
 
     reason, elapsed, growth = timed_rejection(payload)
+    print(f"10^10-pixel header rejected in {elapsed * 1000:.1f} ms, RSS +{growth / MB:.1f} MB")
 
     assert reason == "too-many-pixels"
-    assert elapsed < 0.5
+    assert elapsed < 0.5  # a loose bound for a shared CI machine; the figure is printed
     assert growth < 50 * MB
 
 
@@ -378,9 +379,10 @@ def test_decompression_bomb_is_rejected_fast_and_small() -> None:
     assert len(payload) < DecodeLimits().max_payload_bytes
 
     reason, elapsed, growth = timed_rejection(payload)
+    print(f"decompression bomb rejected in {elapsed * 1000:.1f} ms, RSS +{growth / MB:.1f} MB")
 
     assert reason == "too-many-pixels"
-    assert elapsed < 0.5
+    assert elapsed < 0.5  # a loose bound for a shared CI machine; the figure is printed
     assert growth < 100 * MB
 
 
