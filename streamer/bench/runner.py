@@ -92,9 +92,9 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     stages = set(config.stages)
-    if "ceiling" in stages:
-        log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
-        results["ceiling"] = run_ceiling(
+
+    def sweep_ceiling() -> dict[str, Any]:
+        return run_ceiling(
             config.weights,
             config.precision,
             threads,
@@ -102,6 +102,10 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
             config.ceiling_min_s,
             device=settings_device(settings),
         )
+
+    if "ceiling" in stages:
+        log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
+        results["ceiling"] = sweep_ceiling()
         results["ceiling"]["load_average_after"] = os.getloadavg()
     if "engine" in stages:
         log.info("bench (b) engine records=%d", config.engine_records)
@@ -111,14 +115,7 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         await _kafka_stages(config, settings, corpus, stages, results, results_dir)
     if "ceiling" in stages and config.ceiling_again_at_end:
         log.info("bench (a) ceiling again, at the end of the run")
-        again = run_ceiling(
-            config.weights,
-            config.precision,
-            threads,
-            batch_sizes,
-            config.ceiling_min_s,
-            device=settings_device(settings),
-        )
+        again = sweep_ceiling()
         again["load_average_after"] = os.getloadavg()
         results["ceiling"] = best_of([results["ceiling"], again])
     results["machine"]["load_average_at_end"] = os.getloadavg()

@@ -107,7 +107,7 @@ class Intake:
 
     async def rewind(self, tp: TopicPartition) -> None:
         """Drop the partition's progress and fetch again from the committed offset."""
-        await self._seek_to_committed(tp, rewind=True)
+        await self._seek_until_done(tp, rewind=True)
 
     def pause(self) -> None:
         partitions = self.consumer.assignment()
@@ -176,7 +176,7 @@ class Intake:
             await self._seek_until_done(tp)
         self.update_lag()  # seeded from the committed offsets: a stall shows from the start
 
-    async def _seek_until_done(self, tp: TopicPartition) -> None:
+    async def _seek_until_done(self, tp: TopicPartition, rewind: bool = False) -> None:
         """Seek to the committed offset, retrying while the broker cannot say what it is.
 
         Not optional: records of ``tp`` fetched before the seek may have been dropped
@@ -185,7 +185,7 @@ class Intake:
         """
         for attempt in itertools.count():
             try:
-                await self._seek_to_committed(tp)
+                await self._seek_to_committed(tp, rewind)
                 return
             except KafkaError as exc:
                 if self._stopping or tp not in self.consumer.assignment():

@@ -104,16 +104,28 @@ class PartitionWriter:
         self._producer: AIOKafkaProducer | None = None
         self._ready: dict[int, _Entry] = {}
         self._wakeup = asyncio.Event()
+        self._started = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
 
     @property
     def healthy(self) -> bool:
-        return not self._closed and self._task is not None and not self._task.done()
+        """Open, and starting or running. A starting writer accepts records (``deliver``
+        waits for it): dropping them would skip them, as no seek follows a start."""
+        return not self._closed and (self._task is None or not self._task.done())
 
     async def start(self) -> None:
         """Start the producer (fencing any previous owner), then the writing loop."""
+        try:
+            await self._start_producer()
+        finally:
+            self._started.set()  # deliver() waits for this, whatever the outcome
+        self._task = asyncio.create_task(self._run(), name=f"transactions-{self.transactional_id}")
+        self._task.add_done_callback(self._on_task_done)
+        log.info("transactional producer started id=%s", self.transactional_id)
+
+    async def _start_producer(self) -> None:
         attempt = 0
         while self._producer is None:
             try:
@@ -130,13 +142,11 @@ class PartitionWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
-        self._task = asyncio.create_task(self._run(), name=f"transactions-{self.transactional_id}")
-        self._task.add_done_callback(self._on_task_done)
-        log.info("transactional producer started id=%s", self.transactional_id)
 
     async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
         """Queue the outcome; return once its transaction has committed."""
-        if not self.healthy or not self._tracker.is_current(ticket):
+        await self._started.wait()
+        if not self.healthy or self._task is None or not self._tracker.is_current(ticket):
             raise DeliveryAbandoned(f"{self.tp} offset {ticket.offset}: partition not ours")
         entry = _Entry(outcome, asyncio.get_running_loop().create_future())
         self._ready[ticket.offset] = entry
@@ -394,13 +404,4 @@ class ExactlyOnce:
         log.warning("taking back fenced partition %s", tp)
         await fenced.close(0)
         await self._open(tp)
-        attempt = 0
-        while not self._stopping:
-            try:
-                await self._intake.rewind(tp)
-                return
-            except KafkaError as exc:
-                delay = backoff_s(attempt)
-                attempt += 1
-                log.warning("rewind failed partition=%s error=%r", tp, exc)
-                await asyncio.sleep(delay)
+        await self._intake.rewind(tp)  # retried until it succeeds or tp is revoked

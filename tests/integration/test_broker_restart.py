@@ -19,6 +19,7 @@ from streamer.tools.admin import create_topics
 from tests.conftest import KAFKACTL
 from tests.integration.helpers import (
     count_by_id,
+    output_ids,
     produce,
     read_all,
     running_service,
@@ -70,8 +71,14 @@ async def test_service_survives_a_broker_restart(
         )
         assert service.state.value == "running"
 
+    expected = {s.name for s in first + second}
+
+    async def all_visible() -> bool:  # commit markers land shortly after the commit returns
+        return await output_ids(options, settings.output_topic) == expected
+
+    await wait_for(all_visible, 60, "every committed output to be visible")
     outputs = await read_all(options, settings.output_topic)
-    assert {json.loads(r.value)["id"] for r in outputs} == {s.name for s in first + second}
+    assert {json.loads(r.value)["id"] for r in outputs} == expected
     distinct, duplicates = count_by_id(outputs)
     if delivery == "exactly-once":
         assert duplicates == 0

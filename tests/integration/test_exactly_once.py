@@ -11,6 +11,7 @@ from streamer import corpus
 from streamer.schemas import DLQ_REASON
 from tests.integration.helpers import (
     committed_and_end,
+    output_ids,
     produce,
     read_all,
     running_service,
@@ -48,6 +49,14 @@ async def test_each_input_has_one_committed_output_and_offsets_commit_with_it(
         transactions = service.metrics.transactions.labels("committed")._value.get()
         consumer_commits = service.metrics.commits.labels("ok")._value.get()
 
+    # A commit's markers reach each output partition shortly after the offsets are
+    # visible, so read_committed readers may need a moment to see the last outputs.
+    async def all_visible() -> bool:
+        predicted = await output_ids(kafka_options, settings.output_topic)
+        dead = await read_all(kafka_options, settings.dlq_topic)
+        return len(predicted) == len(images) and len(dead) == len(bad)
+
+    await wait_for(all_visible, 60, "every committed output to be visible")
     outputs = await read_all(kafka_options, settings.output_topic)
     ids = [json.loads(r.value)["id"] for r in outputs]
     assert sorted(ids) == sorted(s.name for s in images)  # each once, read_committed

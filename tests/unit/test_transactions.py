@@ -180,3 +180,34 @@ async def test_outcomes_of_a_revoked_generation_are_refused(broker: Broker) -> N
         await writer.deliver(stale, outcome(5))
     assert broker.transactions == []
     await writer.close(1)
+
+
+async def test_records_arriving_while_the_producer_starts_wait_for_it(broker: Broker) -> None:
+    # Refusing them would skip them: nothing seeks back after a start.
+    tracker = OffsetTracker()
+    release = asyncio.Event()
+
+    class SlowStart(FakeProducer):
+        async def start(self) -> None:
+            await release.wait()
+            await super().start()
+
+    writer = PartitionWriter(
+        TP,
+        Settings(group_id="g"),
+        Metrics(),
+        tracker,
+        lambda tp: asyncio.sleep(0, result=broker.committed_offset),
+        lambda tid: SlowStart(broker, tid),  # type: ignore[arg-type,return-value]
+        lambda w: None,
+    )
+    starting = asyncio.create_task(writer.start())
+    await asyncio.sleep(0)
+    assert writer.healthy, "a starting writer must accept records"
+    delivering = asyncio.create_task(writer.deliver(tracker.start(TP, 0), outcome(0)))
+    await asyncio.sleep(0.05)
+    assert not delivering.done() and broker.transactions == []
+    release.set()
+    await asyncio.wait_for(asyncio.gather(starting, delivering), 5)
+    assert broker.transactions == [([b"0"], {TP: 1})]
+    await writer.close(1)
