@@ -27,11 +27,12 @@ from streamer.http import MetricsServer
 from streamer.kafka.delivery import AtLeastOnce, Delivery
 from streamer.kafka.intake import Intake
 from streamer.kafka.offsets import OffsetTracker, Ticket
+from streamer.kafka.records import Record
 from streamer.kafka.transactions import ExactlyOnce
 from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
-from streamer.pipeline.processor import ProcessorConfig, Record, RecordProcessor
+from streamer.pipeline.processor import ProcessorConfig, RecordProcessor
 from streamer.workers.models import imagenet_labels
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,8 @@ class Service:
         try:
             outcome = await self._processor.process(record, fetched_at, permit_wait_s)
             sent = time.perf_counter()
-            await self._delivery.deliver(ticket, outcome)
-            self._processor.delivered(record, outcome, time.perf_counter() - sent)
+            written = await self._delivery.deliver(ticket, outcome)
+            self._processor.delivered(record, written, time.perf_counter() - sent)
         except (DeliveryAbandoned, asyncio.CancelledError):
             pass  # stopping, or the partition moved: uncommitted, so processed again
         except Exception as exc:

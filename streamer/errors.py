@@ -50,11 +50,36 @@ class PayloadTooLarge(RecordError):
     reason = "payload-too-large"
 
 
+class UndecodableRecord(RecordError):
+    """Kafka could not give us the record as the protocol defines it: a header name
+    that is not UTF-8, or a batch that fails its checksum or cannot be parsed."""
+
+    reason = "undecodable-record"
+
+
+class InvalidMetadata(RecordError):
+    """The key or a header we copy into outputs is above its documented limit."""
+
+    reason = "invalid-metadata"
+
+
+class OutputTooLarge(RecordError):
+    """The prediction was larger than the output topic accepts."""
+
+    stage = "publish"
+    reason = "output-too-large"
+
+
 class DecodeError(RecordError):
     """The payload is not an image we accept (see ``reason`` for why)."""
 
     stage = "decode"
     reason = "decode-failed"
+
+
+class OutputRejected(StreamerError):
+    """Even the smallest dead letter of a record was too large for the dead-letter
+    topic: its ``max.message.bytes`` is misconfigured, and nothing can be written."""
 
 
 class WorkerCrashed(StreamerError):
@@ -93,6 +118,9 @@ DEAD_LETTER_REASONS = (
     "extreme-aspect-ratio",
     "invalid-dimensions",
     "payload-too-large",
+    "undecodable-record",
+    "invalid-metadata",
+    "output-too-large",
     "decode-failed",
     "worker-crashed",
     "inference-failed",

@@ -30,6 +30,9 @@ DLQ_SOURCE_OFFSET = "streamer-source-offset"
 DLQ_SOURCE_TIMESTAMP = "streamer-source-timestamp"
 # Only when the dead-letter topic could not hold the payload: the value is empty.
 DLQ_VALUE_DROPPED_BYTES = "streamer-value-dropped-bytes"
+# Only when even that was too large: the input's own headers, then its key, were dropped.
+DLQ_HEADERS_DROPPED = "streamer-headers-dropped"
+DLQ_KEY_DROPPED_BYTES = "streamer-key-dropped-bytes"
 DLQ_HEADERS = (
     DLQ_STAGE,
     DLQ_REASON,

@@ -2,7 +2,8 @@
 
 Both modes answer the same questions, so the service does not care which runs:
 
-- ``deliver(ticket, outcome)`` returns once the outcome is durable, and raises
+- ``deliver(ticket, outcome)`` returns the outcome once it is durable (smaller, by
+  ``streamer.kafka.records.smaller``, if a topic rejected it as too large), and raises
   ``DeliveryAbandoned`` when it never will be (stopping, partition lost);
 - ``assigned`` / ``revoked`` follow the consumer group;
 - ``accepts(tp)`` says whether new records of a partition may start;
@@ -19,21 +20,20 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.structs import TopicPartition
 
 from streamer.config import Settings
 from streamer.kafka.intake import Intake
 from streamer.kafka.offsets import OffsetTracker, Ticket
-from streamer.kafka.publisher import Publisher
+from streamer.kafka.publisher import TOO_LARGE, Publisher
+from streamer.kafka.records import Outcome, smaller
 from streamer.metrics import Metrics
-from streamer.pipeline.processor import Outcome
 
 
 class Delivery(Protocol):
     async def start(self) -> None: ...
 
-    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None: ...
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome: ...
 
     def accepts(self, tp: TopicPartition) -> bool: ...
 
@@ -65,19 +65,18 @@ class AtLeastOnce:
     async def start(self) -> None:
         await self._publisher.start()
 
-    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
-        try:
-            await self._send(outcome)
-        except MessageSizeTooLargeError:
-            if outcome.dead_letter_reason is None:
-                raise
-            # The dead-letter topic cannot hold the payload: keep everything but the
-            # value, and say so, rather than drop the record or stall the partition.
-            await self._send(outcome.without_value())
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome:
+        while True:
+            try:
+                await self._publisher.send(
+                    outcome.topic, outcome.value, outcome.key, outcome.headers
+                )
+                break
+            except TOO_LARGE:
+                # Rather than drop the record or stop: a smaller form that says so.
+                outcome = smaller(outcome)
         self._tracker.done(ticket)
-
-    async def _send(self, outcome: Outcome) -> None:
-        await self._publisher.send(outcome.topic, outcome.value, outcome.key, outcome.headers)
+        return outcome
 
     def accepts(self, tp: TopicPartition) -> bool:
         return True

@@ -35,6 +35,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer.config import Settings
+from streamer.kafka import wire
 from streamer.kafka.clients import connection_options
 from streamer.kafka.offsets import OffsetTracker
 from streamer.kafka.publisher import backoff_s
@@ -75,6 +76,7 @@ class Intake:
 
     async def start(self) -> None:
         s = self._settings
+        wire.install()  # no bytes in a record can make getmany() fail
         self._consumer = AIOKafkaConsumer(
             group_id=s.group_id,
             enable_auto_commit=False,

@@ -21,6 +21,7 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
+    RecordTooLargeError,
     UnknownProducerId,
 )
 from aiokafka.structs import RecordMetadata
@@ -44,6 +45,10 @@ def backoff_s(attempt: int) -> float:
 class PublisherClosed(DeliveryAbandoned):
     """The service is stopping; the send was abandoned (its input stays uncommitted)."""
 
+
+# A topic (or the client's max_request_size) refused the record for its size: sending
+# it again cannot help; ``streamer.kafka.records.smaller`` makes it smaller.
+TOO_LARGE = (MessageSizeTooLargeError, RecordTooLargeError)
 
 # The idempotent producer's sequence state is broken: only a new producer (new
 # producer id) can send again. Retrying with the same one would fail forever.
@@ -100,7 +105,7 @@ class Publisher:
     ) -> RecordMetadata:
         """Send and wait for the ack, retrying until acked or the publisher closes.
 
-        ``MessageSizeTooLargeError`` is raised at once: retrying cannot fix it.
+        ``TOO_LARGE`` errors are raised at once: retrying cannot fix them.
         """
         attempt = 0
         while True:
@@ -109,7 +114,7 @@ class Publisher:
             producer = self._producer
             try:
                 return await producer.send_and_wait(topic, value, key=key, headers=headers)
-            except MessageSizeTooLargeError:
+            except TOO_LARGE:
                 raise
             except STUCK_PRODUCER_ERRORS as exc:
                 self._metrics.produce_errors.labels(topic).inc()

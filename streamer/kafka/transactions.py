@@ -38,17 +38,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, MessageSizeTooLargeError, ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import RecordMetadata, TopicPartition
 
 from streamer.config import Settings
-from streamer.errors import DeliveryAbandoned
+from streamer.errors import DeliveryAbandoned, OutputRejected
 from streamer.kafka.clients import connection_options
 from streamer.kafka.intake import Intake
 from streamer.kafka.offsets import OffsetTracker, Ticket
-from streamer.kafka.publisher import backoff_s
+from streamer.kafka.publisher import TOO_LARGE, backoff_s
+from streamer.kafka.records import Outcome, smaller
 from streamer.metrics import Metrics
-from streamer.pipeline.processor import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class _Fenced(Exception):
 @dataclass
 class _Entry:
     outcome: Outcome
-    committed: asyncio.Future[None]
+    committed: asyncio.Future[Outcome]  # the outcome as written
 
 
 def transactional_producer(settings: Settings, transactional_id: str) -> AIOKafkaProducer:
@@ -143,8 +143,8 @@ class PartitionWriter:
                 )
                 await asyncio.sleep(delay)
 
-    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
-        """Queue the outcome; return once its transaction has committed."""
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome:
+        """Queue the outcome; return it (as written) once its transaction has committed."""
         await self._started.wait()
         if not self.healthy or self._task is None or not self._tracker.is_current(ticket):
             raise DeliveryAbandoned(f"{self.tp} offset {ticket.offset}: partition not ours")
@@ -152,7 +152,7 @@ class PartitionWriter:
         self._ready[ticket.offset] = entry
         self._tracker.done(ticket)
         self._wakeup.set()
-        await asyncio.shield(entry.committed)
+        return await asyncio.shield(entry.committed)
 
     async def close(self, timeout_s: float) -> None:
         """Commit what is ready (within ``timeout_s``), abandon the rest, stop the producer."""
@@ -188,6 +188,9 @@ class PartitionWriter:
             self._metrics.transactions.labels("fenced").inc()
             log.warning("fenced: another producer owns id=%s", self.transactional_id)
             self._on_fenced(self)
+        except OutputRejected as exc:
+            self._abandon_all(exc)  # the waiting records stop the service
+            raise
         finally:
             self._abandon_all()
 
@@ -202,6 +205,8 @@ class PartitionWriter:
                 break
             except ProducerFenced as exc:
                 raise _Fenced from exc
+            except OutputRejected:
+                raise
             except Exception as exc:  # any failure: replace the producer, then find out
                 self._metrics.transactions.labels("retried").inc()
                 delay = backoff_s(attempt)
@@ -226,7 +231,7 @@ class PartitionWriter:
         for offset in offsets:
             entry = self._ready.pop(offset)
             if not entry.committed.done():
-                entry.committed.set_result(None)
+                entry.committed.set_result(entry.outcome)
 
     async def _transaction(self, offsets: list[int], target: int) -> None:
         producer = self._producer
@@ -236,8 +241,9 @@ class PartitionWriter:
         results = await asyncio.gather(*sends, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         for offset, result in zip(offsets, results, strict=True):
-            if isinstance(result, MessageSizeTooLargeError):
-                self._shrink(self._ready[offset])  # the retry sends it without the payload
+            if isinstance(result, TOO_LARGE):
+                entry = self._ready[offset]  # the retry sends a smaller form
+                entry.outcome = smaller(entry.outcome)
         if errors:
             raise errors[0]
         await producer.send_offsets_to_transaction({self.tp: target}, self._group_id)
@@ -247,20 +253,12 @@ class PartitionWriter:
         self, producer: AIOKafkaProducer, entry: _Entry
     ) -> asyncio.Future[RecordMetadata]:
         """Append one outcome to the open transaction; the future resolves on the ack."""
-        o = entry.outcome
-        try:
-            return await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
-        except MessageSizeTooLargeError:
-            self._shrink(entry)
+        while True:
             o = entry.outcome
-            return await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
-
-    @staticmethod
-    def _shrink(entry: _Entry) -> None:
-        """A dead letter the topic cannot hold goes without its payload (and says so)."""
-        if entry.outcome.dead_letter_reason is None or entry.outcome.value is None:
-            raise MessageSizeTooLargeError("prediction larger than max_request_size")
-        entry.outcome = entry.outcome.without_value()
+            try:
+                return await producer.send(o.topic, o.value, key=o.key, headers=o.headers)
+            except TOO_LARGE:  # refused before sending (max_request_size)
+                entry.outcome = smaller(o)
 
     async def _recover(self, target: int) -> bool:
         """New producer (settles the failed transaction); True if that one committed."""
@@ -308,11 +306,13 @@ class PartitionWriter:
             except (KafkaError, TimeoutError) as exc:
                 log.warning("stopping producer failed id=%s error=%r", self.transactional_id, exc)
 
-    def _abandon_all(self) -> None:
+    def _abandon_all(self, error: Exception | None = None) -> None:
         entries, self._ready = self._ready, {}
         for entry in entries.values():
             if not entry.committed.done():
-                entry.committed.set_exception(DeliveryAbandoned(f"{self.tp}: not committed"))
+                entry.committed.set_exception(
+                    error or DeliveryAbandoned(f"{self.tp}: not committed")
+                )
                 entry.committed.exception()  # retrieved: a task may already have gone
 
 
@@ -341,11 +341,11 @@ class ExactlyOnce:
     async def start(self) -> None:
         pass  # writers start with the assignment
 
-    async def deliver(self, ticket: Ticket, outcome: Outcome) -> None:
+    async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome:
         writer = self._writers.get(ticket.tp)
         if writer is None:
             raise DeliveryAbandoned(f"{ticket.tp} is not assigned here")
-        await writer.deliver(ticket, outcome)
+        return await writer.deliver(ticket, outcome)
 
     def accepts(self, tp: TopicPartition) -> bool:
         writer = self._writers.get(tp)

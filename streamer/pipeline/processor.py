@@ -2,8 +2,9 @@
 
 ``RecordProcessor.process`` has the engine classify the record's value and
 returns the ``Outcome`` to publish: the prediction, or, for any ``RecordError``
-(bad image, too large, retries exhausted), a dead letter carrying the original
-bytes and the error. Sending it is the delivery's job (``streamer.kafka.delivery``),
+(key or headers above their limits, bad image, too large, retries exhausted), a
+dead letter carrying the original bytes and the error (``streamer.kafka.records``).
+Sending it is the delivery's job (``streamer.kafka.delivery``),
 which differs between at-least-once and exactly-once; ``delivered`` counts it
 once it is durable.
 """
@@ -13,54 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TypeAlias
-
-from aiokafka import ConsumerRecord
 
 from streamer.errors import RecordError
+from streamer.kafka.records import (
+    Outcome,
+    Record,
+    dead_letter,
+    metadata_error,
+    prediction,
+    too_large_dead_letter,
+)
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
-from streamer.schemas import (
-    DLQ_CLASS,
-    DLQ_MESSAGE,
-    DLQ_REASON,
-    DLQ_SOURCE_OFFSET,
-    DLQ_SOURCE_PARTITION,
-    DLQ_SOURCE_TIMESTAMP,
-    DLQ_SOURCE_TOPIC,
-    DLQ_STAGE,
-    DLQ_VALUE_DROPPED_BYTES,
-    HEADER_CONTENT_TYPE,
-    MAX_ERROR_MESSAGE_CHARS,
-    PASSTHROUGH_HEADERS,
-    Headers,
-    Label,
-    Prediction,
-    Source,
-    Timings,
-    record_id,
-)
+from streamer.schemas import Label, Prediction, Source, Timings, record_id
 
 log = logging.getLogger(__name__)
-
-Record: TypeAlias = ConsumerRecord[bytes, bytes]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One message to publish for one input record."""
-
-    topic: str
-    value: bytes | None
-    key: bytes | None
-    headers: Headers
-    dead_letter_reason: str | None = None  # None: a prediction
-
-    def without_value(self) -> Outcome:
-        """The dead letter minus its payload, for when the topic cannot hold the payload."""
-        size = len(self.value or b"")
-        headers = [*self.headers, (DLQ_VALUE_DROPPED_BYTES, str(size).encode())]
-        return Outcome(self.topic, None, self.key, headers, self.dead_letter_reason)
 
 
 @dataclass(frozen=True)
@@ -85,14 +53,15 @@ class RecordProcessor:
     async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> Outcome:
         """Classify the record; return its prediction, or its dead letter."""
         try:
-            prediction = await self._classify(record, fetched_at, permit_wait_s)
+            error = metadata_error(record)
+            if error is not None:
+                raise error
+            result = await self._classify(record, fetched_at, permit_wait_s)
         except RecordError as error:
             return self._dead_letter(record, error)
-        headers: Headers = [(HEADER_CONTENT_TYPE, b"application/json")]
-        headers += [(k, v) for k, v in record.headers or () if k in PASSTHROUGH_HEADERS]
-        return Outcome(
-            self._config.output_topic, prediction.model_dump_json().encode(), record.key, headers
-        )
+        value = result.model_dump_json().encode()
+        too_large = too_large_dead_letter(record, self._config.dlq_topic)
+        return prediction(record, self._config.output_topic, value, too_large)
 
     def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
         """Count an outcome once it is durable (acked, or committed in a transaction)."""
@@ -151,19 +120,4 @@ class RecordProcessor:
             error.reason,
             error,
         )
-        headers = list(record.headers or ()) + dead_letter_headers(record, error)
-        return Outcome(self._config.dlq_topic, record.value, record.key, headers, error.reason)
-
-
-def dead_letter_headers(record: Record, error: RecordError) -> Headers:
-    message = str(error)[:MAX_ERROR_MESSAGE_CHARS]
-    return [
-        (DLQ_STAGE, error.stage.encode()),
-        (DLQ_REASON, error.reason.encode()),
-        (DLQ_CLASS, type(error).__name__.encode()),
-        (DLQ_MESSAGE, message.encode("utf-8", errors="replace")),
-        (DLQ_SOURCE_TOPIC, record.topic.encode()),
-        (DLQ_SOURCE_PARTITION, str(record.partition).encode()),
-        (DLQ_SOURCE_OFFSET, str(record.offset).encode()),
-        (DLQ_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
-    ]
+        return dead_letter(record, error, self._config.dlq_topic)

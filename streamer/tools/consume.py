@@ -15,6 +15,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
+from streamer.kafka import wire
 from streamer.tools.common import add_connection_flags, client_options, tool_settings
 
 
@@ -48,6 +49,7 @@ async def read_records(
     timeout_s: float = 60.0,
     isolation_level: str = "read_committed",
 ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    wire.install()  # a record with undecodable headers must not end the read
     consumer = AIOKafkaConsumer(
         topic,
         group_id=None,

@@ -27,6 +27,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from streamer.kafka import wire
 from streamer.schemas import DLQ_HEADERS, DLQ_REASON, DLQ_SOURCE_TIMESTAMP, Headers, header
 from streamer.tools.common import add_connection_flags, client_options, tool_settings
 
@@ -71,6 +72,7 @@ async def replay(
     filters: ReplayFilter,
     from_beginning: bool = False,
 ) -> ReplayReport:
+    wire.install()  # a record with undecodable headers must not end the read
     consumer = AIOKafkaConsumer(
         group_id=group,
         enable_auto_commit=False,

@@ -6,15 +6,16 @@ import asyncio
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRecord
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, ProducerFenced
 from aiokafka.structs import TopicPartition
 
 from streamer.config import Settings
 from streamer.errors import DeliveryAbandoned
 from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.records import Outcome, prediction, too_large_dead_letter
 from streamer.kafka.transactions import PartitionWriter
 from streamer.metrics import Metrics
-from streamer.pipeline.processor import Outcome
 from streamer.schemas import DLQ_VALUE_DROPPED_BYTES
 
 pytestmark = pytest.mark.timeout(30)
@@ -210,4 +211,19 @@ async def test_records_arriving_while_the_producer_starts_wait_for_it(broker: Br
     release.set()
     await asyncio.wait_for(asyncio.gather(starting, delivering), 5)
     assert broker.transactions == [([b"0"], {TP: 1})]
+    await writer.close(1)
+
+
+async def test_a_prediction_the_topic_rejects_is_committed_as_its_dead_letter(
+    broker: Broker,
+) -> None:
+    """Finding 2: the same outputs used to be retried forever, stalling the partition."""
+    tracker = OffsetTracker()
+    writer = await writer_for(broker, tracker, [])
+    broker.reject_large_values = 100
+    source = ConsumerRecord("in", 0, 0, 0, 0, b"k", b"image", None, 0, 0, ())
+    big = prediction(source, "out", b"x" * 500, too_large_dead_letter(source, "dlq"))
+    written = await asyncio.wait_for(writer.deliver(tracker.start(TP, 0), big), 5)
+    assert written.dead_letter_reason == "output-too-large"
+    assert broker.transactions == [([b"image"], {TP: 1})]
     await writer.close(1)

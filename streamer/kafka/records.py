@@ -1,0 +1,176 @@
+"""What the Kafka layer and the pipeline share: records, outcomes, dead letters, size limits.
+
+A record's metadata is checked before its image is: a key or header that the
+outputs would copy must be within the limits below, and a record aiokafka could not
+read as the protocol defines it (``streamer.kafka.wire``) is dead-lettered at once.
+These limits keep every prediction small, whatever the input carried:
+
+================  ==========  ===================================================
+what              limit       why
+================  ==========  ===================================================
+key               4096 bytes  copied as the key of the prediction and dead letter
+``ce_id``         256 bytes   the prediction's ``id`` and a header (UTF-8 or not)
+``traceparent``   256 bytes   copied as a header (W3C's is 55 characters)
+================  ==========  ===================================================
+
+One oversize policy (``smaller``) applies to every outcome a topic rejects as too
+large, one step per rejection:
+
+1. a prediction becomes the record's dead letter, reason ``output-too-large``;
+2. a dead letter loses its payload (``streamer-value-dropped-bytes`` says how much),
+3. then the input's own headers (``streamer-headers-dropped``),
+4. then its key (``streamer-key-dropped-bytes``);
+5. after that nothing is left to drop, and ``OutputRejected`` stops the service: the
+   dead-letter topic cannot hold a record of a few hundred bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TypeAlias
+
+from aiokafka import ConsumerRecord
+
+from streamer.errors import (
+    InvalidMetadata,
+    OutputRejected,
+    OutputTooLarge,
+    RecordError,
+    UndecodableRecord,
+)
+from streamer.kafka.wire import UNREADABLE
+from streamer.schemas import (
+    DLQ_CLASS,
+    DLQ_HEADERS_DROPPED,
+    DLQ_KEY_DROPPED_BYTES,
+    DLQ_MESSAGE,
+    DLQ_REASON,
+    DLQ_SOURCE_OFFSET,
+    DLQ_SOURCE_PARTITION,
+    DLQ_SOURCE_TIMESTAMP,
+    DLQ_SOURCE_TOPIC,
+    DLQ_STAGE,
+    DLQ_VALUE_DROPPED_BYTES,
+    HEADER_ID,
+    HEADER_TRACEPARENT,
+    MAX_ERROR_MESSAGE_CHARS,
+    Headers,
+    header,
+)
+
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
+
+MAX_KEY_BYTES = 4096
+MAX_ID_BYTES = 256
+MAX_TRACEPARENT_BYTES = 256
+_HEADER_LIMITS = ((HEADER_ID, MAX_ID_BYTES), (HEADER_TRACEPARENT, MAX_TRACEPARENT_BYTES))
+_OWN_HEADER_PREFIX = "streamer-"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One message to publish for one input record: its prediction or its dead letter."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None
+    headers: Headers
+    dead_letter_reason: str | None = None  # None: a prediction
+    # What a prediction becomes when the output topic rejects it as too large.
+    too_large: Outcome | None = None
+
+
+def smaller(outcome: Outcome) -> Outcome:
+    """The next smaller form of an outcome a topic rejected as too large (module docstring)."""
+    if outcome.dead_letter_reason is None:
+        if outcome.too_large is None:
+            raise OutputRejected("a prediction was rejected as too large and has no dead letter")
+        return outcome.too_large
+    if outcome.value is not None:
+        size = str(len(outcome.value)).encode()
+        headers = [*outcome.headers, (DLQ_VALUE_DROPPED_BYTES, size)]
+        return replace(outcome, value=None, headers=headers)
+    own = [(k, v) for k, v in outcome.headers if k.startswith(_OWN_HEADER_PREFIX)]
+    if len(own) < len(outcome.headers):
+        dropped = str(len(outcome.headers) - len(own)).encode()
+        return replace(outcome, headers=[*own, (DLQ_HEADERS_DROPPED, dropped)])
+    if outcome.key is not None:
+        size = str(len(outcome.key)).encode()
+        return replace(outcome, key=None, headers=[*own, (DLQ_KEY_DROPPED_BYTES, size)])
+    raise OutputRejected(
+        f"the topic {outcome.topic!r} rejected a {sum(len(v or b'') for _, v in own)}-byte "
+        "dead letter with nothing left to drop: check its max.message.bytes"
+    )
+
+
+def metadata_error(record: Record) -> RecordError | None:
+    """Why the record's key or headers cannot be used, or None when they can."""
+    for name, value in record.headers or ():
+        if name == UNREADABLE:
+            return UndecodableRecord((value or b"").decode("utf-8", "replace"))
+        if not _is_utf8(name):
+            return UndecodableRecord(f"header name {_writable(name)!r} is not valid UTF-8")
+    if record.key is not None and len(record.key) > MAX_KEY_BYTES:
+        return InvalidMetadata(f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}")
+    for name, limit in _HEADER_LIMITS:
+        value = header(record.headers, name)
+        if value is not None and len(value) > limit:
+            return InvalidMetadata(f"{name} header is {len(value)} bytes; the limit is {limit}")
+    return None
+
+
+def prediction(record: Record, topic: str, value: bytes, dead_letter: Outcome) -> Outcome:
+    """The prediction's message: the input's key, ``ce_id`` and ``traceparent`` kept."""
+    headers: Headers = [("content-type", b"application/json")]
+    headers += [
+        (k, v) for k, v in record.headers or () if k in (HEADER_ID, HEADER_TRACEPARENT) and v
+    ]
+    return Outcome(topic, value, record.key, headers, too_large=dead_letter)
+
+
+def dead_letter(record: Record, error: RecordError, topic: str) -> Outcome:
+    """The input's value, key and headers, plus the headers that say what went wrong.
+
+    Header names that are not UTF-8 cannot be written back as they came (the Kafka
+    client encodes names as UTF-8); they are kept with their bytes escaped (``\\xff``).
+    """
+    original = [(_writable(k), v) for k, v in record.headers or () if k != UNREADABLE]
+    return Outcome(
+        topic, record.value, record.key, original + dead_letter_headers(record, error), error.reason
+    )
+
+
+def too_large_dead_letter(record: Record, topic: str) -> Outcome:
+    error = OutputTooLarge("the prediction is larger than the output topic accepts")
+    return dead_letter(record, error, topic)
+
+
+def dead_letter_headers(record: Record, error: RecordError) -> Headers:
+    message = str(error)[:MAX_ERROR_MESSAGE_CHARS]
+    return [
+        (DLQ_STAGE, error.stage.encode()),
+        (DLQ_REASON, error.reason.encode()),
+        (DLQ_CLASS, type(error).__name__.encode()),
+        (DLQ_MESSAGE, message.encode("utf-8", errors="replace")),
+        (DLQ_SOURCE_TOPIC, record.topic.encode()),
+        (DLQ_SOURCE_PARTITION, str(record.partition).encode()),
+        (DLQ_SOURCE_OFFSET, str(record.offset).encode()),
+        (DLQ_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
+    ]
+
+
+def _is_utf8(name: str) -> bool:
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes of bytes that were not UTF-8
+        return False
+    return True
+
+
+def _writable(name: str) -> str:
+    """A header name the producer can encode: undecodable bytes as ``\\xNN``."""
+    if _is_utf8(name):
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
