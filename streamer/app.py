@@ -26,7 +26,7 @@ from streamer.errors import DeliveryAbandoned
 from streamer.http import MetricsServer
 from streamer.kafka.delivery import AtLeastOnce, Delivery
 from streamer.kafka.intake import Intake
-from streamer.kafka.offsets import OffsetTracker, Ticket
+from streamer.kafka.partitions import Partitions, RebalanceListener, Ticket
 from streamer.kafka.records import Record
 from streamer.kafka.transactions import ExactlyOnce
 from streamer.loopmon import LoopLagMonitor
@@ -55,7 +55,6 @@ class Service:
         self.metrics.declare_topics(settings.input_topic, settings.output_topic, settings.dlq_topic)
         self.engine = Engine(settings, self.metrics)
         self._permits = asyncio.Semaphore(settings.max_in_flight)
-        self._tracker = OffsetTracker()
         self._in_flight: dict[asyncio.Task[None], TopicPartition] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
@@ -64,13 +63,15 @@ class Service:
         self._processor: RecordProcessor | None = None
         self._delivery: Delivery | None = None
         self._intake: Intake | None = None
+        self._partitions: Partitions | None = None
         self._metrics_server: MetricsServer | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        """Started, not stopping, and no partition stalled (``stall_timeout_s``)."""
+        return self._ready and not (self._partitions and self._partitions.stalled())
 
     @property
     def metrics_port(self) -> int | None:
@@ -100,7 +101,7 @@ class Service:
     async def _start_components(self, s: Settings) -> None:
         # First, so /healthz answers (and /readyz says 503) while the model loads.
         self._metrics_server = MetricsServer(
-            s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self._ready
+            s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self.ready
         )
         await self._metrics_server.start()
         await self.engine.start()
@@ -110,11 +111,12 @@ class Service:
             self.metrics,
             imagenet_labels(),
         )
-        self._intake = Intake(s, self._tracker, self.metrics, self._assigned, self._revoked)
+        self._intake = Intake(s, self.metrics)
         delivery_mode = ExactlyOnce if s.delivery == "exactly-once" else AtLeastOnce
-        self._delivery = delivery_mode(s, self.metrics, self._tracker, self._intake)
+        self._delivery = delivery_mode(s, self.metrics, self._intake)
+        self._partitions = Partitions(s, self.metrics, self._intake, self._delivery)
         await self._delivery.start()
-        await self._intake.start()
+        await self._intake.start(RebalanceListener(self._partitions))
         await self.loop_lag.start()
         self.metrics.free_permits.set(s.max_in_flight)
         self._tasks = [
@@ -175,9 +177,11 @@ class Service:
                 for task in pending:
                     task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
+        if self._partitions is not None:
+            # Last commits and transactions, writers closed: before leaving the group,
+            # so the next owner's fence never races them.
+            await _teardown("partitions", self._partitions.close(drain_timeout_s=0.0))
         if self._intake is not None:
-            if self._intake.started and self._delivery is not None:
-                await _teardown("final commit", self._delivery.commit())
             await _teardown("consumer", self._intake.stop())
         if self._delivery is not None:
             await _teardown("producers", self._delivery.stop())
@@ -199,9 +203,9 @@ class Service:
 
     async def _intake_loop(self) -> None:
         """Take a permit per record (pausing the consumer when none is left), then process it."""
-        assert self._intake is not None and self._delivery is not None
+        assert self._intake is not None and self._partitions is not None
         intake = self._intake
-        async for record, generation in intake.records():
+        async for record, lease in intake.records(self._partitions):
             fetched_at = time.perf_counter()
             if self._permits.locked():
                 intake.pause()
@@ -209,17 +213,17 @@ class Service:
                 intake.resume()
             else:
                 await self._permits.acquire()
-            tp = TopicPartition(record.topic, record.partition)
-            if not intake.is_current(tp, generation) or not self._delivery.accepts(tp):
-                # Revoked or rewound while we waited: fetched again by whoever owns it.
+            ticket = lease.start(record.offset) if lease is not None else None
+            if ticket is None:
+                # Fetched while no lease was active, or its lease ended while we waited:
+                # whoever owns the partition now fetches it again from the committed offset.
                 self._permits.release()
                 continue
-            ticket = self._tracker.start(tp, record.offset)
             task = asyncio.create_task(
                 self._handle(record, ticket, fetched_at, time.perf_counter() - fetched_at),
                 name=f"record-{record.topic}-{record.partition}-{record.offset}",
             )
-            self._in_flight[task] = tp
+            self._in_flight[task] = ticket.lease.tp
             self._update_permit_gauges()
 
     async def _handle(
@@ -247,24 +251,12 @@ class Service:
             self._update_permit_gauges()
 
     async def _commit_loop(self) -> None:
-        assert self._intake is not None and self._delivery is not None
+        assert self._partitions is not None and self._delivery is not None
         interval = self.settings.commit_interval_ms / 1000.0
         while True:
             await asyncio.sleep(interval)
-            await self._delivery.commit()
-            self._intake.update_lag()  # also when nothing moved: a stall must show as lag
-
-    async def _assigned(self, assigned: set[TopicPartition]) -> None:
-        assert self._delivery is not None
-        await self._delivery.assigned(assigned)
-
-    async def _revoked(self, revoked: set[TopicPartition]) -> None:
-        """Give in-flight records of revoked partitions a deadline, then commit what is done."""
-        assert self._delivery is not None
-        tasks = [t for t, tp in self._in_flight.items() if tp in revoked]
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.settings.drain_timeout_s or None)
-        await self._delivery.revoked(revoked)
+            await self._delivery.commit(self._partitions.active())
+            self._partitions.update_lag()  # also when nothing moved: a stall must show as lag
 
     def _update_permit_gauges(self) -> None:
         in_flight = len(self._in_flight)

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     transaction_timeout_ms: int = Field(60_000, ge=1000)
     max_record_attempts: int = Field(3, ge=1)
     drain_timeout_s: float = Field(30.0, ge=0)
+    # A partition with records pending and no commit for this long is stalled:
+    # /readyz answers 503 and streamer_partitions_stalled counts it.
+    stall_timeout_s: float = Field(120.0, gt=0)
     worker_start_timeout_s: float = Field(120.0, gt=0)
     # A worker that leaves a request (or an idle ping) unanswered this long is
     # killed as hung; its batch is retried like after a crash.

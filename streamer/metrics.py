@@ -10,6 +10,8 @@ from input data: labels are topics, partitions, stages and fixed reason codes.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from streamer.errors import DEAD_LETTER_REASONS
@@ -176,6 +178,12 @@ class Metrics:
             "1 when connected to Kafka with the model loaded and warm.",
             registry=r,
         )
+        self.partitions_stalled = Gauge(
+            "streamer_partitions_stalled",
+            "Assigned partitions with records pending and no progress for stall_timeout_s"
+            " (/readyz answers 503 while any is).",
+            registry=r,
+        )
         self.model = Info("streamer_model", "The model being served.", registry=r)
         self.gpu_memory = Gauge(
             "streamer_gpu_memory_bytes",
@@ -202,6 +210,12 @@ class Metrics:
             self.commits.labels(result)
         for result in TRANSACTION_RESULTS:
             self.transactions.labels(result)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop a partition's series once it is no longer assigned here."""
+        for gauge in (self.consumer_lag, self.committed_offset):
+            with contextlib.suppress(KeyError):
+                gauge.remove(topic, str(partition))
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds.labels(stage).observe(max(seconds, 0.0))

@@ -1,96 +1,61 @@
-"""Which offset each partition may commit: the lowest one not yet done.
+"""Which offset one partition may commit: the lowest one not yet done.
 
 Records of a partition start in offset order but finish in any order (batches,
-retries, dead letters). A partition may commit offset ``N`` only when every
-record below ``N`` is done, meaning its prediction or dead letter was acked.
-Per partition this is a queue of started offsets; finished ones are popped from
-the front, so each operation is O(1) amortised.
+retries, dead letters). The partition may commit offset ``N`` only when every
+record below ``N`` is done, meaning its prediction or dead letter was acked (or is
+ready for its transaction). Started offsets wait in a queue; finished ones are
+popped from the front, so each operation is O(1) amortised.
 
-Partitions are forgotten on revocation. A record started before the revocation
-holds a ticket to the old state, so finishing it late changes nothing the new
-owner (or a later assignment to us) will commit.
+One ``PartitionOffsets`` belongs to one ``PartitionLease`` and is changed only
+through it (``streamer.kafka.partitions``); a new lease starts a new one, so
+nothing of an earlier assignment can leak into a later one.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
-
-from aiokafka.structs import TopicPartition
 
 
-@dataclass
-class _PartitionState:
-    started: deque[int] = field(default_factory=deque)
-    done: set[int] = field(default_factory=set)
-    next_commit: int | None = None  # offset to commit: everything below is done
-    committed: int | None = None  # last offset committed to Kafka
+class PartitionOffsets:
+    def __init__(self, committed: int | None = None) -> None:
+        self._started: deque[int] = deque()
+        self._done: set[int] = set()
+        self.next_commit: int | None = None  # everything below it is done
+        self.committed = committed  # last offset committed to Kafka (or found there)
+        self.progressed_at = time.monotonic()  # last commit, or last time nothing was pending
 
+    @property
+    def pending(self) -> int:
+        """Records started and not yet done."""
+        return len(self._started)
 
-@dataclass(frozen=True)
-class Ticket:
-    """Proof that a record was started; finish it with ``OffsetTracker.done``."""
+    def start(self, offset: int) -> bool:
+        """Start ``offset``; False (nothing changes) if it is not above the last one started."""
+        if self._started and offset <= self._started[-1]:
+            return False
+        if not self._started:
+            self.progressed_at = time.monotonic()  # idle until now: not a stall
+        self._started.append(offset)
+        return True
 
-    tp: TopicPartition
-    offset: int
-    state: _PartitionState
+    def done(self, offset: int) -> None:
+        self._done.add(offset)
+        while self._started and self._started[0] in self._done:
+            finished = self._started.popleft()
+            self._done.discard(finished)
+            self.next_commit = finished + 1
 
+    def committable(self) -> int | None:
+        """The offset to commit now, or None when nothing moved since the last commit."""
+        if self.next_commit is not None and self.next_commit != self.committed:
+            return self.next_commit
+        return None
 
-class OffsetTracker:
-    def __init__(self) -> None:
-        self._partitions: dict[TopicPartition, _PartitionState] = {}
+    def mark_committed(self, offset: int) -> None:
+        self.committed = offset
+        self.progressed_at = time.monotonic()
 
-    def start(self, tp: TopicPartition, offset: int) -> Ticket:
-        state = self._partitions.setdefault(tp, _PartitionState())
-        if state.started and offset <= state.started[-1]:
-            raise ValueError(f"{tp} offset {offset} started out of order")
-        state.started.append(offset)
-        return Ticket(tp, offset, state)
-
-    def is_current(self, ticket: Ticket) -> bool:
-        """False once the ticket's partition was revoked, rewound or reassigned."""
-        return self._partitions.get(ticket.tp) is ticket.state
-
-    def done(self, ticket: Ticket) -> None:
-        state = ticket.state
-        if not self.is_current(ticket):
-            return  # the partition was revoked (and maybe reassigned) meanwhile
-        state.done.add(ticket.offset)
-        while state.started and state.started[0] in state.done:
-            offset = state.started.popleft()
-            state.done.discard(offset)
-            state.next_commit = offset + 1
-
-    def pending(self, tp: TopicPartition) -> int:
-        state = self._partitions.get(tp)
-        return len(state.started) if state else 0
-
-    def committed(self, tp: TopicPartition) -> int | None:
-        state = self._partitions.get(tp)
-        return state.committed if state else None
-
-    def seed_committed(self, tp: TopicPartition, offset: int) -> None:
-        """Record the group's committed offset found in Kafka on assignment (for lag)."""
-        state = self._partitions.setdefault(tp, _PartitionState())
-        if state.committed is None:
-            state.committed = offset
-
-    def committable(self, only: set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
-        """Offsets that moved since the last ``mark_committed``, per partition."""
-        result = {}
-        for tp, state in self._partitions.items():
-            if only is not None and tp not in only:
-                continue
-            if state.next_commit is not None and state.next_commit != state.committed:
-                result[tp] = state.next_commit
-        return result
-
-    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
-        for tp, offset in offsets.items():
-            state = self._partitions.get(tp)
-            if state is not None:
-                state.committed = offset
-
-    def forget(self, partitions: set[TopicPartition]) -> None:
-        for tp in partitions:
-            self._partitions.pop(tp, None)
+    def stalled_for(self, now: float) -> float:
+        """Seconds without progress while records are pending (0 when none are)."""
+        return now - self.progressed_at if self._started else 0.0

@@ -22,10 +22,12 @@ been accepted), and the group's committed offset then says which of the two
 happened. A record's task waits until its transaction commits, holding its
 in-flight permit, so ``max_in_flight`` bounds the outcomes held in memory.
 
-A fenced writer (another producer took the id) stops and abandons its records.
-If the consumer still owns the partition after a grace period (the coordinator
-also fences a transaction open longer than ``transaction_timeout_ms``), a new
-writer takes over from the committed offset.
+Each writer belongs to one ``PartitionLease`` (``streamer.kafka.partitions``) and
+uses the lease's offsets; it is opened before the lease's seek and closed when the
+lease ends. A fenced writer (another producer took the id) stops, abandons its
+records and tells ``Partitions``, which ends the lease and, if the group still
+assigns the partition here after a grace period, takes it back with a new lease
+and a new writer, from the committed offset.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ from aiokafka.structs import RecordMetadata, TopicPartition
 from streamer.config import Settings
 from streamer.errors import DeliveryAbandoned, OutputRejected
 from streamer.kafka.clients import connection_options
+from streamer.kafka.delivery import OnFenced
 from streamer.kafka.intake import Intake
-from streamer.kafka.offsets import OffsetTracker, Ticket
+from streamer.kafka.partitions import PartitionLease, Ticket
 from streamer.kafka.publisher import TOO_LARGE, backoff_s
 from streamer.kafka.records import Outcome, smaller
 from streamer.metrics import Metrics
@@ -55,7 +58,6 @@ log = logging.getLogger(__name__)
 ProducerFactory = Callable[[str], AIOKafkaProducer]
 ReadCommitted = Callable[[TopicPartition], Awaitable[int | None]]
 
-FENCED_RETAKE_S = 10.0  # a fenced writer's partition is taken back after this, if still ours
 PRODUCER_STOP_TIMEOUT_S = 5.0
 
 
@@ -82,57 +84,41 @@ def transactional_producer(settings: Settings, transactional_id: str) -> AIOKafk
 
 
 class PartitionWriter:
-    """The transactions of one input partition (see the module docstring)."""
+    """The transactions of one lease of one input partition (see the module docstring)."""
 
     def __init__(
         self,
-        tp: TopicPartition,
+        lease: PartitionLease,
         settings: Settings,
         metrics: Metrics,
-        tracker: OffsetTracker,
         read_committed: ReadCommitted,
         producer_factory: ProducerFactory,
-        on_fenced: Callable[[PartitionWriter], None],
+        on_fenced: OnFenced,
     ) -> None:
-        self.tp = tp
-        self.transactional_id = settings.transactional_id(tp.topic, tp.partition)
+        self.tp = lease.tp
+        self.transactional_id = settings.transactional_id(lease.tp.topic, lease.tp.partition)
+        self._lease = lease
         self._group_id = settings.group_id
         self._metrics = metrics
-        self._tracker = tracker
         self._read_committed = read_committed
         self._new_producer = producer_factory
         self._producer: AIOKafkaProducer | None = None
         self._ready: dict[int, _Entry] = {}
         self._wakeup = asyncio.Event()
-        self._started = asyncio.Event()
         self._closed = False
         self._task: asyncio.Task[None] | None = None
         self._on_fenced = on_fenced
 
-    @property
-    def healthy(self) -> bool:
-        """Open, and starting or running. A starting writer accepts records (``deliver``
-        waits for it): dropping them would skip them, as no seek follows a start."""
-        return not self._closed and (self._task is None or not self._task.done())
-
     async def start(self) -> None:
-        """Start the producer (fencing any previous owner), then the writing loop."""
-        try:
-            await self._start_producer()
-        finally:
-            self._started.set()  # deliver() waits for this, whatever the outcome
-        self._task = asyncio.create_task(self._run(), name=f"transactions-{self.transactional_id}")
-        self._task.add_done_callback(self._on_task_done)
-        log.info("transactional producer started id=%s", self.transactional_id)
+        """Start the producer (fencing any previous owner), then the writing loop.
 
-    async def _start_producer(self) -> None:
+        Retried until it works or the writer is closed (the lease ended meanwhile).
+        """
         attempt = 0
-        while self._producer is None:
+        while self._producer is None and not self._closed:
             try:
                 await self._replace_producer()
             except KafkaError as exc:
-                if self._closed:
-                    raise DeliveryAbandoned(f"{self.tp} closed while starting") from exc
                 delay = backoff_s(attempt)
                 attempt += 1
                 log.warning(
@@ -142,24 +128,31 @@ class PartitionWriter:
                     delay,
                 )
                 await asyncio.sleep(delay)
+        if self._closed:
+            await self._stop_producer()
+            return
+        self._task = asyncio.create_task(self._run(), name=f"transactions-{self.transactional_id}")
+        self._task.add_done_callback(self._on_task_done)
+        log.info("transactional producer started id=%s", self.transactional_id)
 
     async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome:
         """Queue the outcome; return it (as written) once its transaction has committed."""
-        await self._started.wait()
-        if not self.healthy or self._task is None or not self._tracker.is_current(ticket):
+        running = self._task is not None and not self._task.done()
+        if self._closed or not running or ticket.lease is not self._lease or not self._lease.active:
             raise DeliveryAbandoned(f"{self.tp} offset {ticket.offset}: partition not ours")
         entry = _Entry(outcome, asyncio.get_running_loop().create_future())
-        self._ready[ticket.offset] = entry
-        self._tracker.done(ticket)
+        self._ready[ticket.offset] = entry  # one start per offset per lease: never overwritten
+        self._lease.done(ticket)
         self._wakeup.set()
         return await asyncio.shield(entry.committed)
 
-    async def close(self, timeout_s: float) -> None:
-        """Commit what is ready (within ``timeout_s``), abandon the rest, stop the producer."""
+    async def close(self, timeout_s: float | None) -> None:
+        """Commit what is ready (within ``timeout_s``; None: no bound), abandon the rest,
+        stop the producer."""
         self._closed = True
         self._wakeup.set()
         if self._task is not None:
-            _, pending = await asyncio.wait([self._task], timeout=timeout_s or None)
+            _, pending = await asyncio.wait([self._task], timeout=timeout_s)
             for task in pending:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -179,7 +172,7 @@ class PartitionWriter:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                target = self._tracker.committable({self.tp}).get(self.tp)
+                target = self._lease.offsets.committable()
                 if target is not None:
                     await self._write_run(target)
                 if self._closed:
@@ -187,7 +180,7 @@ class PartitionWriter:
         except _Fenced:
             self._metrics.transactions.labels("fenced").inc()
             log.warning("fenced: another producer owns id=%s", self.transactional_id)
-            self._on_fenced(self)
+            self._on_fenced(self._lease)
         except OutputRejected as exc:
             self._abandon_all(exc)  # the waiting records stop the service
             raise
@@ -226,7 +219,7 @@ class PartitionWriter:
                     break  # the failed attempt had committed after all
         self._metrics.transactions.labels("committed").inc()
         self._metrics.transaction_seconds.observe(time.perf_counter() - started)
-        self._tracker.mark_committed({self.tp: target})
+        self._lease.offsets.mark_committed(target)
         self._metrics.committed_offset.labels(self.tp.topic, str(self.tp.partition)).set(target)
         for offset in offsets:
             entry = self._ready.pop(offset)
@@ -282,7 +275,7 @@ class PartitionWriter:
                 continue
             if committed == target:
                 return True
-            if committed != self._tracker.committed(self.tp):
+            if committed != self._lease.offsets.committed:
                 raise _Fenced(f"committed offset moved to {committed} under us")
             return False
         return False
@@ -317,91 +310,50 @@ class PartitionWriter:
 
 
 class ExactlyOnce:
-    """The exactly-once ``Delivery``: a ``PartitionWriter`` per owned input partition."""
+    """The exactly-once ``Delivery``: a ``PartitionWriter`` per lease."""
 
     def __init__(
         self,
         settings: Settings,
         metrics: Metrics,
-        tracker: OffsetTracker,
         intake: Intake,
         producer_factory: ProducerFactory | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._tracker = tracker
         self._intake = intake
         self._new_producer = producer_factory or (
             lambda transactional_id: transactional_producer(settings, transactional_id)
         )
-        self._writers: dict[TopicPartition, PartitionWriter] = {}
-        self._retakes: set[asyncio.Task[None]] = set()
-        self._stopping = False
 
     async def start(self) -> None:
-        pass  # writers start with the assignment
+        pass  # writers open with their leases
+
+    async def open(self, lease: PartitionLease, on_fenced: OnFenced) -> None:
+        lease.writer = PartitionWriter(
+            lease, self._settings, self._metrics, self._committed, self._new_producer, on_fenced
+        )
+        await lease.writer.start()
 
     async def deliver(self, ticket: Ticket, outcome: Outcome) -> Outcome:
-        writer = self._writers.get(ticket.tp)
+        writer: PartitionWriter | None = ticket.lease.writer
         if writer is None:
-            raise DeliveryAbandoned(f"{ticket.tp} is not assigned here")
+            raise DeliveryAbandoned(f"{ticket.lease.tp} has no writer")
         return await writer.deliver(ticket, outcome)
 
-    def accepts(self, tp: TopicPartition) -> bool:
-        writer = self._writers.get(tp)
-        return writer is not None and writer.healthy
-
-    async def assigned(self, partitions: set[TopicPartition]) -> None:
-        await asyncio.gather(*(self._open(tp) for tp in partitions))
-
-    async def revoked(self, partitions: set[TopicPartition]) -> None:
-        writers = [w for tp in partitions if (w := self._writers.pop(tp, None))]
-        await asyncio.gather(*(w.close(self._settings.drain_timeout_s) for w in writers))
-
-    async def commit(self) -> None:
+    async def commit(self, leases: list[PartitionLease]) -> None:
         pass  # each writer commits as soon as outcomes are ready
 
+    async def close(self, lease: PartitionLease, timeout_s: float | None) -> None:
+        if lease.writer is not None:
+            await lease.writer.close(timeout_s)
+
     def abandon(self) -> None:
-        self._stopping = True
+        pass  # closing a writer abandons what it could not commit
 
     async def stop(self) -> None:
-        self._stopping = True
-        for task in list(self._retakes):
-            task.cancel()
-        await asyncio.gather(*self._retakes, return_exceptions=True)
-        writers, self._writers = list(self._writers.values()), {}
-        await asyncio.gather(*(w.close(self._settings.drain_timeout_s) for w in writers))
-
-    async def _open(self, tp: TopicPartition) -> PartitionWriter:
-        writer = PartitionWriter(
-            tp,
-            self._settings,
-            self._metrics,
-            self._tracker,
-            self._committed,
-            self._new_producer,
-            self._on_fenced,
-        )
-        self._writers[tp] = writer
-        await writer.start()
-        return writer
+        pass  # every writer was closed with its lease
 
     async def _committed(self, tp: TopicPartition) -> int | None:
         result: int | None = await self._intake.consumer.committed(tp)
         return result
-
-    def _on_fenced(self, writer: PartitionWriter) -> None:
-        if not self._stopping:
-            task = asyncio.create_task(self._retake(writer.tp, writer), name=f"retake-{writer.tp}")
-            self._retakes.add(task)
-            task.add_done_callback(self._retakes.discard)
-
-    async def _retake(self, tp: TopicPartition, fenced: PartitionWriter) -> None:
-        """Take a fenced partition back if the group still gives it to us."""
-        await asyncio.sleep(FENCED_RETAKE_S)
-        if self._stopping or self._writers.get(tp) is not fenced or not self._intake.owns(tp):
-            return
-        log.warning("taking back fenced partition %s", tp)
-        await fenced.close(0)
-        await self._open(tp)
-        await self._intake.rewind(tp)  # retried until it succeeds or tp is revoked

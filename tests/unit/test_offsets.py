@@ -1,54 +1,84 @@
+"""PartitionOffsets, and a lease's rule that only its own active tickets count."""
+
 from __future__ import annotations
 
 import pytest
 from aiokafka.structs import TopicPartition
 
-from streamer.kafka.offsets import OffsetTracker
+from streamer.kafka.offsets import PartitionOffsets
+from streamer.kafka.partitions import LeaseState, PartitionLease
+
+pytestmark = pytest.mark.timeout(10)
 
 TP = TopicPartition("images", 0)
-TP1 = TopicPartition("images", 1)
+
+
+def active_lease(epoch: int = 1) -> PartitionLease:
+    lease = PartitionLease(TP, epoch)
+    lease.state = LeaseState.ACTIVE
+    return lease
 
 
 def test_commits_only_below_the_first_unfinished_offset() -> None:
-    tracker = OffsetTracker()
-    tickets = [tracker.start(TP, offset) for offset in (10, 11, 12, 13)]
-    tracker.done(tickets[1])
-    tracker.done(tickets[3])
-    assert tracker.committable() == {}  # 10 is still in flight
-    tracker.done(tickets[0])
-    assert tracker.committable() == {TP: 12}  # 12 is still in flight
-    tracker.done(tickets[2])
-    assert tracker.committable() == {TP: 14}
+    offsets = PartitionOffsets()
+    for offset in (10, 11, 12, 13):
+        offsets.start(offset)
+    offsets.done(11)
+    offsets.done(13)
+    assert offsets.committable() is None  # 10 is still in flight
+    offsets.done(10)
+    assert offsets.committable() == 12  # 12 is still in flight
+    offsets.done(12)
+    assert offsets.committable() == 14
 
 
-def test_committable_reports_only_partitions_that_moved() -> None:
-    tracker = OffsetTracker()
-    tracker.done(tracker.start(TP, 0))
-    tracker.done(tracker.start(TP1, 5))
-    assert tracker.committable() == {TP: 1, TP1: 6}
-    tracker.mark_committed({TP: 1})
-    assert tracker.committable() == {TP1: 6}
-    assert tracker.committable(only={TP}) == {}
-    assert tracker.committed(TP) == 1
+def test_committable_reports_only_a_move() -> None:
+    offsets = PartitionOffsets(committed=0)
+    offsets.start(0)
+    offsets.done(0)
+    assert offsets.committable() == 1
+    offsets.mark_committed(1)
+    assert offsets.committable() is None and offsets.committed == 1
 
 
 def test_offset_gaps_are_allowed_but_order_is_enforced() -> None:
-    tracker = OffsetTracker()
-    first = tracker.start(TP, 3)
-    tracker.start(TP, 7)  # compacted or transactional topics skip offsets
-    with pytest.raises(ValueError):
-        tracker.start(TP, 5)
-    tracker.done(first)
-    assert tracker.committable() == {TP: 4}
-    assert tracker.pending(TP) == 1
+    offsets = PartitionOffsets()
+    assert offsets.start(3)
+    assert offsets.start(7)  # compacted or transactional topics skip offsets
+    assert not offsets.start(5) and not offsets.start(7)
+    offsets.done(3)
+    assert offsets.committable() == 4
+    assert offsets.pending == 1
 
 
-def test_late_ack_after_revocation_changes_nothing() -> None:
-    tracker = OffsetTracker()
-    stale = tracker.start(TP, 0)
-    tracker.forget({TP})
-    fresh = tracker.start(TP, 0)  # reassigned: the record is fetched again
-    tracker.done(stale)
-    assert tracker.committable() == {}
-    tracker.done(fresh)
-    assert tracker.committable() == {TP: 1}
+def test_a_stall_is_time_without_progress_while_records_are_pending() -> None:
+    offsets = PartitionOffsets()
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0  # nothing pending
+    offsets.start(0)
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 1000
+    offsets.done(0)
+    offsets.mark_committed(1)
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0
+
+
+def test_late_ack_after_the_lease_ended_changes_nothing() -> None:
+    old = active_lease(1)
+    stale = old.start(0)
+    assert stale is not None
+    old.state = LeaseState.ENDED  # revoked
+    new = active_lease(2)  # reassigned: the record is fetched again under a new lease
+    fresh = new.start(0)
+    assert fresh is not None
+    old.done(stale)
+    new.done(stale)  # a ticket of another lease counts nowhere
+    assert old.offsets.committable() is None and new.offsets.committable() is None
+    new.done(fresh)
+    assert new.offsets.committable() == 1
+
+
+def test_an_inactive_lease_starts_nothing() -> None:
+    lease = PartitionLease(TP, 1)  # still seeking
+    assert lease.start(0) is None
+    lease.state = LeaseState.ACTIVE
+    assert lease.start(0) is not None
+    assert lease.start(0) is None, "an offset starts once per lease"
