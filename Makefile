@@ -59,8 +59,9 @@ bench-quick: setup
 	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up
 	$(BIN)/streamer bench --quick $(BENCH_ARGS)
 
-# The full chaos suite (docs/RELIABILITY.md): 10 inference-worker kills in 2,000 images.
-# `make test` runs the reduced form of every chaos scenario.
+# The full chaos suite (docs/RELIABILITY.md): 10 inference-worker kills in 2,000 images, and
+# the bounce tests on a local 3-broker cluster (10,000 records, instances and brokers bounced
+# 3 rounds each; a rebalance storm of 10 rounds). `make test` runs the reduced form of each.
 chaos: setup system-deps
 	$(BIN)/pytest -m chaos -s $(PYTEST_ARGS)
 

@@ -186,23 +186,28 @@ class WorkerProcess:
         write_file = os.fdopen(os.dup(req_write.fileno()), "wb", buffering=0)
         rep_read.close()
         req_write.close()
-        self._read_transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), read_file
-        )
-        self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, write_file)
-        self._ready = loop.create_future()
-        self._reader_task = asyncio.create_task(
-            self._read_replies(reader), name=f"{self.name}-replies"
-        )
         try:
+            self._read_transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), read_file
+            )
+            self._writer, _ = await loop.connect_write_pipe(asyncio.Protocol, write_file)
+            self._ready = loop.create_future()
+            self._reader_task = asyncio.create_task(
+                self._read_replies(reader), name=f"{self.name}-replies"
+            )
             self.ready_info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except (TimeoutError, WorkerCrashed) as exc:
+            assert self._ready is not None
             if self._ready.done() and not self._ready.cancelled():
                 self._ready.exception()  # retrieved here, reported below
             await self.kill()
             raise WorkerStartError(f"{self.name} did not start: {exc}") from exc
         except asyncio.CancelledError:
-            self._abandon_start()  # e.g. the pool stops while a standby is starting
+            # e.g. the pool stops while a standby is starting, maybe before both pipe
+            # ends had their transports: close the files no transport owns yet.
+            self._abandon_start()
+            read_file.close()
+            write_file.close()
             raise
         self.state = WorkerState.RUNNING
         self._last_reply = loop.time()
