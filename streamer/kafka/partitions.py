@@ -108,6 +108,8 @@ class PartitionLease:
 
     async def drain(self, timeout_s: float | None) -> bool:
         """Wait until every started record is done; False if the deadline passed first."""
+        if self._idle.is_set():
+            return True  # (wait_for with a 0 s deadline would not even look)
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
@@ -197,6 +199,8 @@ class Partitions:
     # ------------------------------------------------------------ steps
 
     async def _take(self, tp: TopicPartition) -> None:
+        if self._closed:
+            return  # shutting down: the group hears from us once we leave
         lease = PartitionLease(tp, next(self._epochs))
         self._leases[tp] = lease
         await self._delivery.open(lease, self.fence)

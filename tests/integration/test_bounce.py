@@ -173,9 +173,16 @@ async def bounce_broker(which: str, topic: str) -> str:
     return node
 
 
-async def setup_topics(
-    cluster: str, prefix: str, partitions: int, records: int, samples
-) -> Settings:  # type: ignore[no-untyped-def]
+async def setup_stream(
+    cluster: str,
+    prefix: str,
+    partitions: int,
+    records: int,
+    samples: list[corpus.Sample],
+    **settings: object,
+) -> Settings:
+    """Topics with 3 replicas, ``records`` images with ids ``r-<i>`` produced, and the
+    settings of the group that will copy them (small instances: 2 cores are shared)."""
     options = {"bootstrap_servers": cluster}
     names = [f"{prefix}-{s}" for s in ("in", "out", "dlq")]
     await create_topics(options, names, partitions, replication_factor=3)
@@ -184,7 +191,14 @@ async def setup_topics(
         for i in range(records)
     ]
     await produce(options, names[0], messages)
-    return service_settings(cluster, prefix)
+    return service_settings(
+        cluster,
+        prefix,
+        inference_standby=False,
+        inference_threads=1,
+        max_in_flight=32,
+        **settings,
+    )
 
 
 async def verify(
@@ -220,15 +234,8 @@ async def test_instances_and_brokers_bounced_while_copying(
 ) -> None:
     options = {"bootstrap_servers": cluster}
     started = time.monotonic()
-    base = await setup_topics(cluster, unique_name, scale.partitions, scale.records, samples)
-    settings = base.model_copy(
-        update={
-            "delivery": delivery,
-            "inference_standby": False,
-            "inference_threads": 1,
-            "max_in_flight": 32,
-            "drain_timeout_s": 20,
-        }
+    settings = await setup_stream(
+        cluster, unique_name, scale.partitions, scale.records, samples, delivery=delivery
     )
     group = Group(settings, tmp_path)
     step = max(10, scale.records // (4 * scale.rounds + 2))
@@ -274,9 +281,8 @@ async def test_order_is_kept_on_a_single_partition_under_bounces(
 ) -> None:
     options = {"bootstrap_servers": cluster}
     records = max(60, scale.records // 10)
-    base = await setup_topics(cluster, unique_name, 1, records, samples)
-    settings = base.model_copy(
-        update={"delivery": "exactly-once", "inference_standby": False, "inference_threads": 1}
+    settings = await setup_stream(
+        cluster, unique_name, 1, records, samples, delivery="exactly-once"
     )
     group = Group(settings, tmp_path)
     try:
@@ -311,10 +317,7 @@ async def test_rebalance_storm_leaves_no_permit_or_record_behind(
 ) -> None:
     options = {"bootstrap_servers": cluster}
     records = max(150, scale.records // 5)
-    base = await setup_topics(cluster, unique_name, scale.partitions, records, samples)
-    settings = base.model_copy(
-        update={"inference_standby": False, "inference_threads": 1, "max_in_flight": 32}
-    )
+    settings = await setup_stream(cluster, unique_name, scale.partitions, records, samples)
     group = Group(settings, tmp_path)
     step = max(5, records // (2 * scale.storm_rounds + 2))
     try:

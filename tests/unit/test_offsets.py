@@ -82,3 +82,12 @@ def test_an_inactive_lease_starts_nothing() -> None:
     lease.state = LeaseState.ACTIVE
     assert lease.start(0) is not None
     assert lease.start(0) is None, "an offset starts once per lease"
+
+
+async def test_an_idle_lease_drains_at_once_even_with_no_time_left() -> None:
+    lease = active_lease()
+    assert await lease.drain(0.0)
+    ticket = lease.start(0)
+    assert ticket is not None and not await lease.drain(0.0)
+    lease.done(ticket)
+    assert await lease.drain(0.0)
