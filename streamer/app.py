@@ -19,8 +19,6 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-from aiokafka.structs import TopicPartition
-
 from streamer.config import Settings
 from streamer.errors import DeliveryAbandoned
 from streamer.http import MetricsServer
@@ -55,7 +53,7 @@ class Service:
         self.metrics.declare_topics(settings.input_topic, settings.output_topic, settings.dlq_topic)
         self.engine = Engine(settings, self.metrics)
         self._permits = asyncio.Semaphore(settings.max_in_flight)
-        self._in_flight: dict[asyncio.Task[None], TopicPartition] = {}
+        self._in_flight: set[asyncio.Task[None]] = set()  # each holds a permit
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -223,7 +221,7 @@ class Service:
                 self._handle(record, ticket, fetched_at, time.perf_counter() - fetched_at),
                 name=f"record-{record.topic}-{record.partition}-{record.offset}",
             )
-            self._in_flight[task] = ticket.lease.tp
+            self._in_flight.add(task)
             self._update_permit_gauges()
 
     async def _handle(
@@ -246,7 +244,7 @@ class Service:
             )
             self._fail(exc)
         finally:
-            self._in_flight.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._permits.release()
             self._update_permit_gauges()
 
