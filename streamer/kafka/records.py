@@ -109,7 +109,8 @@ def metadata_error(record: Record) -> RecordError | None:
         if name == UNREADABLE:
             return UndecodableRecord((value or b"").decode("utf-8", "replace"))
         if not _is_utf8(name):
-            return UndecodableRecord(f"header name {_writable(name)!r} is not valid UTF-8")
+            shown = _writable(name)[:100]  # a name can be as large as the record
+            return UndecodableRecord(f"header name {shown!r} is not valid UTF-8")
     if record.key is not None and len(record.key) > MAX_KEY_BYTES:
         return InvalidMetadata(f"key is {len(record.key)} bytes; the limit is {MAX_KEY_BYTES}")
     for name, limit in _HEADER_LIMITS:
