@@ -107,6 +107,12 @@ class Settings(BaseSettings):
         return f"{self.transactional_id_prefix or self.group_id}-{topic}-{partition}"
 
     @property
+    def max_message_bytes(self) -> int:
+        """The largest record the service reads or writes: a payload at its limit plus
+        headers (a dead letter carries both). Producers, fetches and topics use it."""
+        return max(1024 * 1024, self.max_payload_bytes + 65536)
+
+    @property
     def shared_memory_bytes(self) -> int:
         """Upper bound of the shared memory the slot pool reserves (see README)."""
         return self.max_in_flight * (self.max_payload_bytes + PIXELS_PER_SLOT)

@@ -63,7 +63,7 @@ class Intake:
             enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
             max_poll_records=min(500, s.max_in_flight),
-            max_partition_fetch_bytes=max(1024 * 1024, s.max_payload_bytes + 65536),
+            max_partition_fetch_bytes=s.max_message_bytes,
             isolation_level="read_committed",
             **connection_options(s),
         )

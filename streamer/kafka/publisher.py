@@ -75,7 +75,7 @@ class Publisher:
             enable_idempotence=True,
             linger_ms=2,
             # Dead letters carry the original payload, which may be large.
-            max_request_size=max(1024 * 1024, self._settings.max_payload_bytes + 65536),
+            max_request_size=self._settings.max_message_bytes,
             **connection_options(self._settings),
         )
 

@@ -78,7 +78,7 @@ def transactional_producer(settings: Settings, transactional_id: str) -> AIOKafk
         enable_idempotence=True,
         acks="all",
         # Dead letters carry the original payload, which may be large.
-        max_request_size=max(1024 * 1024, settings.max_payload_bytes + 65536),
+        max_request_size=settings.max_message_bytes,
         **connection_options(settings),
     )
 

@@ -27,18 +27,29 @@ def add_parser(commands: Any) -> None:
 
 
 async def create_topics(
-    options: dict[str, Any], names: list[str], partitions: int, replication_factor: int = 1
+    options: dict[str, Any],
+    names: list[str],
+    partitions: int,
+    replication_factor: int = 1,
+    max_message_bytes: int | None = None,
 ) -> list[str]:
-    """Create each missing topic; return those that were created."""
+    """Create each missing topic; return those that were created.
+
+    ``max_message_bytes`` sets the topics' ``max.message.bytes`` (None: the broker's).
+    """
     admin = AIOKafkaAdminClient(**options)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
+        configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(n, partitions, replication_factor) for n in missing]
+                    [
+                        NewTopic(n, partitions, replication_factor, topic_configs=configs)
+                        for n in missing
+                    ]
                 )
         return missing
     finally:
@@ -49,7 +60,14 @@ def _main(args: argparse.Namespace) -> int:
     s = tool_settings(args)
     names = args.topics or [s.input_topic, s.output_topic, s.dlq_topic]
     created = asyncio.run(
-        create_topics(client_options(args), names, args.partitions, args.replication_factor)
+        create_topics(
+            client_options(args),
+            names,
+            args.partitions,
+            args.replication_factor,
+            # Room for an image at the service's limit, as a dead letter with its headers.
+            max_message_bytes=s.max_message_bytes,
+        )
     )
     for name in names:
         print(f"{name}: {'created' if name in created else 'exists'}")

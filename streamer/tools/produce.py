@@ -109,9 +109,27 @@ def _progress(done: int, total: int, width: int = 30) -> None:
     sys.stderr.flush()
 
 
+def oversized(files: list[Path], limit_bytes: int) -> list[str]:
+    """One line per file larger than the service accepts: sending it would only dead-letter it."""
+    return [
+        f"{p}: {p.stat().st_size} bytes, above max_payload_bytes={limit_bytes}"
+        for p in files
+        if p.stat().st_size > limit_bytes
+    ]
+
+
 def _main(args: argparse.Namespace) -> int:
     files = expand(args.paths)
-    topic = args.topic or tool_settings(args).input_topic
+    settings = tool_settings(args)
+    topic = args.topic or settings.input_topic
+    if too_large := oversized(files, settings.max_payload_bytes):
+        print("\n".join(too_large), file=sys.stderr)
+        print(
+            "nothing sent: raise STREAMER_MAX_PAYLOAD_BYTES (and the topic's max.message.bytes),"
+            " or store large images elsewhere and send a reference to them",
+            file=sys.stderr,
+        )
+        return 2
     count = asyncio.run(produce_files(client_options(args), topic, files, not args.quiet))
     print(f"published {count} images to {topic}")
     return 0
