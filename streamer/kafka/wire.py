@@ -138,7 +138,9 @@ class TolerantBatch:
             if self._inner is not None and self._checksum_ok:
                 try:
                     record = next(self._inner)
-                except (UnicodeDecodeError, CorruptRecordException) as exc:
+                except StopIteration:
+                    raise
+                except Exception as exc:  # any bytes a producer wrote, even with a valid CRC
                     self._rest = self._read_again(exc)
                 else:
                     self._next_offset = record.offset + 1

@@ -107,3 +107,14 @@ def test_install_replaces_the_class_aiokafka_reads_fetches_with() -> None:
 
     wire.install()
     assert fetcher.MemoryRecords is TolerantRecords
+
+
+def test_a_malformed_record_with_a_valid_checksum_becomes_a_placeholder() -> None:
+    """A producer can write any bytes and a matching CRC: the record's own fields lie."""
+    bad = bytearray(batch(0, [(b"a", [])]))
+    assert bad[-1] == 0  # the record's header count (zig-zag varint 0)
+    bad[-1] = 2  # claims one header that is not there
+    struct.pack_into(">I", bad, CRC_OFFSET, calc_crc32c(bytes(bad[ATTRIBUTES_OFFSET:])))
+    records = read(bytes(bad) + batch(1, [(b"b", [])]))
+    assert [r.offset for r in records] == [0, 1] and records[1].value == b"b"
+    assert records[0].headers[0][0] == UNREADABLE
