@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: bench-gpu setup system-deps kafka-up kafka-down test test-unit demo lint bench chaos fuzz clean
+.PHONY: bench-gpu setup system-deps kafka-up kafka-down test test-unit demo lint contract bench chaos fuzz clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check streamer tests
 	$(BIN)/mypy
+
+# docs/contract/ (JSON Schemas, header tables) is generated from streamer/schemas.py;
+# a unit test fails when the two drift. Run this after changing the contract.
+contract: setup
+	$(BIN)/python -m streamer.contract
 
 # Benchmarks (docs/BENCHMARKS.md): results/bench-<timestamp>/ gets JSON, PNG plots, summary.md.
 # `make bench` takes 15+ minutes (10-minute RSS soak); BENCH_ARGS adds flags.

@@ -68,8 +68,23 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        """Started, not stopping, and no partition stalled (``stall_timeout_s``)."""
-        return self._ready and not (self._partitions and self._partitions.stalled())
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why ``/readyz`` answers 503, or None when the service is ready: it is running,
+        is a member of its group with a reachable coordinator, and no partition is stalled
+        (records pending or lag, and no commit for ``stall_timeout_s``)."""
+        if not self._ready:
+            return self.state.value
+        if self._intake is not None and (problem := self._intake.group_problem()):
+            return problem
+        if self._partitions is not None and (stalled := self._partitions.stalled()):
+            names = ", ".join(f"{lease.tp.topic}-{lease.tp.partition}" for lease in stalled)
+            return (
+                f"partitions {names} made no progress for {self.settings.stall_timeout_s:g} s "
+                "with records to process"
+            )
+        return None
 
     @property
     def metrics_port(self) -> int | None:
@@ -99,12 +114,12 @@ class Service:
     async def _start_components(self, s: Settings) -> None:
         # First, so /healthz answers (and /readyz says 503) while the model loads.
         self._metrics_server = MetricsServer(
-            s.metrics_host, s.metrics_port, self.metrics.registry, lambda: self.ready
+            s.metrics_host, s.metrics_port, self.metrics.registry, self.not_ready_reason
         )
         await self._metrics_server.start()
         await self.engine.start()
         self._processor = RecordProcessor(
-            ProcessorConfig(s.output_topic, s.dlq_topic),
+            ProcessorConfig.from_settings(s),
             self.engine,
             self.metrics,
             imagenet_labels(),
@@ -255,6 +270,7 @@ class Service:
             await asyncio.sleep(interval)
             await self._delivery.commit(self._partitions.active())
             self._partitions.update_lag()  # also when nothing moved: a stall must show as lag
+            self.metrics.ready.set(int(self.ready))
 
     def _update_permit_gauges(self) -> None:
         in_flight = len(self._in_flight)

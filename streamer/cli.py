@@ -1,8 +1,18 @@
 """Command line: ``streamer run | produce | consume | create-topics | samples | replay | bench``.
 
-``run`` has one flag per ``Settings`` field (``--max-batch-size`` for
-``max_batch_size``); each is also settable as ``STREAMER_<FIELD>``. Flags that
-are not given fall through to the environment, then to the defaults.
+The top level is a plain argparse parser; each tool adds its own subcommand
+through ``add_parser(commands)``. The flags of ``run`` are not written here: they
+come from the ``Settings`` model through pydantic-settings' CLI source, so each
+field has one kebab-case flag (``--max-batch-size``), its ``Literal`` choices and
+its description (with the unit) in the help, booleans as real flags
+(``--inference-standby`` / ``--no-inference-standby``), and its ``STREAMER_*``
+variable shown next to it. Precedence: flag, then environment, then default.
+
+Help texts are plain text: argparse prints them as they are, so nothing here
+uses reStructuredText markup in a string that reaches ``--help``.
+
+Invalid settings end ``run`` with exit status 2 and one line per error naming the
+field and the reason, never the value given (it may be a password).
 """
 
 from __future__ import annotations
@@ -13,9 +23,9 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import CliSettingsSource, SettingsError
 
 from streamer import logs
 from streamer.config import Settings
@@ -23,12 +33,16 @@ from streamer.errors import StreamerError
 
 log = logging.getLogger("streamer")
 
-RUN_HELP = {
-    "bootstrap_servers": "Kafka bootstrap servers, comma separated",
-    "weights": "imagenet | random[:SEED] | PATH to a ResNet18 state_dict",
-    "device": "auto | cpu | cuda",
-    "metrics_port": "port of /metrics, /healthz and /readyz (0 picks a free port)",
-}
+DESCRIPTION = "Kafka-native image classification: the service and its tools."
+RUN_HELP = "run the classification service"
+RUN_DESCRIPTION = (
+    "Classify the images on the input topic and publish one prediction per image"
+    " to the output topic. Every option can also be set with the environment"
+    " variable shown next to it; an option given here wins over the environment,"
+    " which wins over the default."
+)
+EPILOG = "Run 'streamer COMMAND --help' for the options of a command."
+METAVARS = {"SecretStr": "str", "tuple[str,...]": "str,..."}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,20 +56,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamer", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command")
+    parser = argparse.ArgumentParser(prog="streamer", description=DESCRIPTION, epilog=EPILOG)
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the classification service")
-    for name, field in Settings.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = RUN_HELP.get(name, field.description or "")
-        default = field.get_default(call_default_factory=True)
-        run.add_argument(
-            flag,
-            dest=name,
-            default=None,
-            help=f"{help_text} (env STREAMER_{name.upper()}, default {default!r})",
-        )
+    run = commands.add_parser(
+        "run", help=RUN_HELP, description=RUN_DESCRIPTION, usage="%(prog)s [OPTIONS]"
+    )
+    settings_source(run)
+    for action in run._actions:
+        # pydantic-settings names the type; these two read better as what to type.
+        if isinstance(action.metavar, str):
+            action.metavar = METAVARS.get(action.metavar, action.metavar)
     run.set_defaults(func=_run)
 
     from streamer.tools import (  # light: no torch import
@@ -72,23 +83,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_source(
+    parser: argparse.ArgumentParser | None = None,
+) -> CliSettingsSource[argparse.ArgumentParser]:
+    """The CLI source of ``Settings``; given a parser, it adds one flag per field to it."""
+    return CliSettingsSource(
+        Settings,
+        root_parser=parser,
+        cli_prog_name="streamer run",
+        cli_implicit_flags=True,
+        cli_kebab_case=True,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    given: dict[str, Any] = {}
-    for name, _field in Settings.model_fields.items():
-        value = getattr(args, name, None)
-        if value is None:
-            continue
-        given[name] = value
-    return Settings(**given)
+    """Settings from parsed ``run`` flags, then ``STREAMER_*`` variables, then defaults.
+
+    Flags not given are absent from ``args`` (their argparse default is SUPPRESS),
+    so they fall through to the environment.
+    """
+    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    source = settings_source()(parsed_args=given)
+    # mypy sees only the fields in the model's __init__, not BaseSettings' own arguments.
+    return Settings(_cli_settings_source=source)  # type: ignore[call-arg]
+
+
+def describe_invalid(exc: ValidationError | SettingsError) -> list[str]:
+    """One line per error: where and why, without the input (it may be a secret)."""
+    if isinstance(exc, SettingsError):
+        return [str(exc).splitlines()[0]]
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        reason = error["msg"]
+        if error["type"] == "value_error":  # "Value error, <our validator's message>"
+            reason = reason.removeprefix("Value error, ")
+        field = ".".join(str(part) for part in error["loc"])
+        lines.append(
+            f"invalid setting {field}: {reason}" if field else f"invalid settings: {reason}"
+        )
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
-        print(f"streamer: invalid configuration:\n{exc}", file=sys.stderr)
+    except (ValidationError, SettingsError) as exc:
+        for line in describe_invalid(exc):
+            print(f"streamer run: {line}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    # Spawned workers inherit the environment, not the logging setup (see logs).
+    os.environ[logs.FORMAT_ENV] = settings.log_format
+    logs.configure(settings.log_level, settings.log_format)
     try:
         return asyncio.run(_serve(settings))
     except StreamerError as exc:

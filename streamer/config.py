@@ -22,66 +22,156 @@ def default_decode_workers() -> int:
 
 
 class Settings(BaseSettings):
+    """The service's configuration; see the module docstring for where values come from."""
+
     model_config = SettingsConfigDict(env_prefix="STREAMER_", frozen=True, extra="forbid")
 
     # Kafka
-    bootstrap_servers: str = "127.0.0.1:9092"
-    input_topic: str = "images"
-    output_topic: str = "predictions"
-    dlq_topic: str = "images.dlq"
-    group_id: str = "streamer"
-    client_id: str = "streamer"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    commit_interval_ms: int = Field(1000, gt=0)
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port pairs"
+    )
+    input_topic: str = Field("images", description="topic the images are read from")
+    output_topic: str = Field("predictions", description="topic the predictions are written to")
+    dlq_topic: str = Field(
+        "images.dlq", description="dead-letter topic for records that cannot be classified"
+    )
+    group_id: str = Field("streamer", description="Kafka consumer group id")
+    client_id: str = Field("streamer", description="Kafka client id (shows in broker logs)")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a group without committed offsets starts reading"
+    )
+    commit_interval_ms: int = Field(
+        1000, gt=0, description="milliseconds between offset commits (at-least-once)"
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="protocol used to talk to the brokers"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism; needs a SASL_* security protocol"
+    )
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (prefer the environment variable: flags show in ps)"
+    )
+    ssl_cafile: str | None = Field(None, description="path of the CA bundle (PEM) for SSL")
+    ssl_certfile: str | None = Field(None, description="path of the client certificate (PEM)")
+    ssl_keyfile: str | None = Field(None, description="path of the client private key (PEM)")
 
     # Model
-    weights: str = "imagenet"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    top_k: int = Field(5, ge=1, le=1000)
-    inference_threads: int | None = Field(None, ge=1)
-    # Where JPEGs are decoded: "auto" = on the inference device when it is CUDA.
-    jpeg_decode: Literal["auto", "cpu", "device"] = "auto"
+    weights: str = Field(
+        "imagenet",
+        description="imagenet | random[:SEED] | PATH of a ResNet18 state_dict",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="inference device; auto picks CUDA when available"
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="floating-point precision of the forward pass"
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="classes per prediction (count)")
+    # Outputs are CloudEvents (Kafka binding, binary mode); this is their ce_source.
+    event_source: str | None = Field(
+        None, description='ce_source of the output CloudEvents; unset: "streamer/<group_id>"'
+    )
+    # Not part of the stable output contract.
+    include_timings: bool = Field(
+        False,
+        description="add the batch size and per-stage timings (seconds) to every prediction,"
+        " for benchmarks and debugging",
+    )
+    inference_threads: int | None = Field(
+        None, ge=1, description="torch CPU threads of the inference worker; unset: torch's choice"
+    )
+    jpeg_decode: Literal["auto", "cpu", "device"] = Field(
+        "auto",
+        description="where JPEGs are decoded; auto: on the inference device when it is CUDA",
+    )
 
     # Throughput and memory bounds
-    max_in_flight: int = Field(128, ge=1)
-    max_batch_size: int = Field(32, ge=1)
-    max_batch_delay_ms: float = Field(10.0, ge=0)
-    decode_workers: int = Field(default_factory=default_decode_workers, ge=1)
-    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(40_000_000, ge=262_144)  # resizing alone needs 256x256
+    max_in_flight: int = Field(
+        128, ge=1, description="records between fetch and ack at most (count); bounds memory"
+    )
+    max_batch_size: int = Field(32, ge=1, description="records per inference batch at most")
+    max_batch_delay_ms: float = Field(
+        10.0, ge=0, description="milliseconds a batch waits to fill before it runs anyway"
+    )
+    decode_workers: int = Field(
+        default_factory=default_decode_workers,
+        ge=1,
+        description="decode worker processes; default: CPU cores minus one, at least one",
+    )
+    max_payload_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, description="largest image record accepted, in bytes"
+    )
+    # resizing alone needs 256x256
+    max_image_pixels: int = Field(
+        40_000_000, ge=262_144, description="largest decoded image accepted, in pixels"
+    )
     # NoDecode: the environment gives "JPEG,PNG", not JSON.
-    allowed_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "PNG", "WEBP")
+    allowed_formats: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("JPEG", "PNG", "WEBP"),
+        description="image formats accepted, comma-separated; others are dead-lettered",
+    )
 
     # Reliability
     # at-least-once: outputs acked, then offsets committed (a crash may duplicate).
     # exactly-once: outputs and offsets committed together in Kafka transactions.
-    delivery: Literal["at-least-once", "exactly-once"] = "at-least-once"
-    transactional_id_prefix: str | None = None  # default: the group id
-    transaction_timeout_ms: int = Field(60_000, ge=1000)
-    max_record_attempts: int = Field(3, ge=1)
-    drain_timeout_s: float = Field(30.0, ge=0)
+    delivery: Literal["at-least-once", "exactly-once"] = Field(
+        "at-least-once",
+        description="at-least-once: outputs acked, then offsets committed (a crash may"
+        " duplicate); exactly-once: both in one Kafka transaction",
+    )
+    transactional_id_prefix: str | None = Field(
+        None, description="prefix of the transactional ids (exactly-once); unset: the group id"
+    )
+    transaction_timeout_ms: int = Field(
+        60_000, ge=1000, description="Kafka transaction timeout, in milliseconds"
+    )
+    max_record_attempts: int = Field(
+        3, ge=1, description="attempts per record before a retriable failure is dead-lettered"
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="seconds in-flight records get to finish on shutdown"
+    )
     # A partition with records pending and no commit for this long is stalled:
     # /readyz answers 503 and streamer_partitions_stalled counts it.
-    stall_timeout_s: float = Field(120.0, gt=0)
-    worker_start_timeout_s: float = Field(120.0, gt=0)
+    stall_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="seconds without a commit, records pending, before a partition counts as"
+        " stalled (/readyz answers 503)",
+    )
+    worker_start_timeout_s: float = Field(
+        120.0, gt=0, description="seconds a worker process gets to report ready"
+    )
     # A worker that leaves a request (or an idle ping) unanswered this long is
     # killed as hung; its batch is retried like after a crash.
-    worker_timeout_s: float = Field(60.0, gt=0)
-    # A warm spare inference worker per device takes over at once when one dies.
-    inference_standby: bool = True
+    worker_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="seconds without an answer before a worker is killed as hung"
+        " (its batch is retried)",
+    )
+    inference_standby: bool = Field(
+        True,
+        description="keep a warm spare inference worker per device that takes over at once"
+        " when one dies",
+    )
 
     # Operations
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(9108, ge=0, le=65535)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_host: str = Field("127.0.0.1", description="address of /metrics, /healthz and /readyz")
+    metrics_port: int = Field(
+        9108,
+        ge=0,
+        le=65535,
+        description="TCP port of /metrics, /healthz and /readyz; 0 picks a free port",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="lowest level logged"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: one readable line per record; json: one JSON object per line"
+    )
 
     @field_validator("allowed_formats", mode="before")
     @classmethod

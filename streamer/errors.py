@@ -34,16 +34,23 @@ class RecordError(StreamerError):
     """A problem with one input record; it goes to the dead-letter topic.
 
     ``reason`` is a short fixed code (safe as a metric label and easy to filter
-    on when replaying); ``stage`` names the pipeline stage that failed.
+    on when replaying; one of ``DEAD_LETTER_REASONS``); ``stage`` names the
+    pipeline stage that failed (one of ``STAGES``); ``attempts`` is how many times
+    this instance tried the record (the engine sets it when a retry preceded the error).
     """
 
     stage = "intake"
-    reason = "invalid-record"
+    reason = "invalid-metadata"
 
-    def __init__(self, message: str, *, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, reason: str | None = None, stage: str | None = None
+    ) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        if stage is not None:
+            self.stage = stage
+        self.attempts = 1
 
 
 class PayloadTooLarge(RecordError):
@@ -61,6 +68,14 @@ class InvalidMetadata(RecordError):
     """The key or a header we copy into outputs is above its documented limit."""
 
     reason = "invalid-metadata"
+
+
+class InvalidCloudEvent(RecordError):
+    """A structured-mode CloudEvent (``content-type: application/cloudevents+json``)
+    that is not valid JSON, lacks a required attribute, or has no image in
+    ``data_base64``."""
+
+    reason = "invalid-cloudevent"
 
 
 class OutputTooLarge(RecordError):
@@ -100,28 +115,60 @@ class InferenceFailed(StreamerError):
 
 
 class RetriesExhausted(RecordError):
-    """A record kept failing with retriable errors; it is dead-lettered."""
+    """A record kept failing with retriable errors; it is dead-lettered.
 
-    stage = "inference"
-    reason = "retries-exhausted"
+    The reason says what the last failure was (``worker-crashed`` for a worker that
+    died or hung, else ``inference-failed``) and the stage where it happened.
+    """
+
+    def __init__(self, cause: StreamerError, *, stage: str, attempts: int) -> None:
+        reason = "worker-crashed" if isinstance(cause, WorkerCrashed) else "inference-failed"
+        super().__init__(f"gave up after {attempts} attempts: {cause}", reason=reason, stage=stage)
+        self.attempts = attempts
 
 
-# Every ``reason`` a dead letter can carry (README "Message contract"); exported as
-# zero-valued series from the start so that rate() sees the first dead letter.
-DEAD_LETTER_REASONS = (
-    "empty",
-    "not-an-image",
-    "unsupported-format",
-    "truncated",
-    "corrupt",
-    "too-many-pixels",
-    "extreme-aspect-ratio",
-    "invalid-dimensions",
-    "payload-too-large",
-    "undecodable-record",
-    "invalid-metadata",
-    "output-too-large",
-    "decode-failed",
-    "worker-crashed",
-    "inference-failed",
-)
+# The stages a dead letter's ``streamer-error-stage`` can name, in pipeline order.
+STAGES = ("intake", "decode", "inference", "publish")
+
+# Every ``reason`` a dead letter can carry, with the stages it comes from and what it
+# means (published in docs/contract/ by ``python -m streamer.contract``). Exported as
+# zero-valued metric series from the start so that rate() sees the first dead letter.
+REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
+    "empty": (("decode",), "the value is empty"),
+    "not-an-image": (("decode",), "the bytes are no image format we know"),
+    "unsupported-format": (("decode",), "an image format outside `allowed_formats`"),
+    "truncated": (("decode",), "the image data ends early"),
+    "corrupt": (("decode",), "the image has the right signature but cannot be decoded"),
+    "too-many-pixels": (("decode",), "width x height above `max_image_pixels`"),
+    "extreme-aspect-ratio": (("decode",), "one side far longer than the other"),
+    "invalid-dimensions": (("decode",), "a zero or negative width or height"),
+    "payload-too-large": (
+        ("intake", "decode"),
+        "the image (after base64 decoding, for structured input) is above `max_payload_bytes`",
+    ),
+    "undecodable-record": (
+        ("intake",),
+        "Kafka could not return the record as the protocol defines it (header name not "
+        "UTF-8, bad checksum)",
+    ),
+    "invalid-metadata": (
+        ("intake",),
+        "the key, `ce_id`, `traceparent` or a structured event's id is above its limit",
+    ),
+    "invalid-cloudevent": (
+        ("intake",),
+        "a structured-mode CloudEvent that is not valid JSON, lacks a required attribute "
+        "or carries no image in `data_base64`",
+    ),
+    "output-too-large": (("publish",), "the prediction is larger than the output topic accepts"),
+    "decode-failed": (("decode",), "the decoder failed in an unexpected way"),
+    "worker-crashed": (
+        ("decode", "inference"),
+        "a worker died or hung on the record on every one of `max_record_attempts` attempts",
+    ),
+    "inference-failed": (
+        ("inference",),
+        "the inference worker raised on the record's batch on every attempt",
+    ),
+}
+DEAD_LETTER_REASONS = tuple(REASON_INFO)

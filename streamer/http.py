@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from streamer.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_LINE = 8192
@@ -20,12 +22,17 @@ MAX_REQUEST_LINE = 8192
 
 class MetricsServer:
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, ready: Callable[[], bool]
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        not_ready: Callable[[], str | None],
     ) -> None:
+        """``not_ready`` says why the service is not ready, or None when it is."""
         self._host = host
         self._port = port
         self._registry = registry
-        self._ready = ready
+        self._not_ready = not_ready
         self._server: asyncio.Server | None = None
 
     @property
@@ -36,9 +43,15 @@ class MetricsServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._handle, self._host, self._port, limit=MAX_REQUEST_LINE
-        )
+        try:
+            self._server = await asyncio.start_server(
+                self._handle, self._host, self._port, limit=MAX_REQUEST_LINE
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve /metrics on {self._host}:{self._port} ({exc.strerror or exc}): "
+                "set --metrics-port (STREAMER_METRICS_PORT) to a free port, or 0 for any"
+            ) from exc
         log.info("metrics server listening host=%s port=%d", self._host, self.port)
 
     async def stop(self) -> None:
@@ -74,7 +87,8 @@ class MetricsServer:
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":
-            if self._ready():
+            reason = self._not_ready()
+            if reason is None:
                 return "200 OK", "text/plain", b"ready\n"
-            return "503 Service Unavailable", "text/plain", b"not ready\n"
+            return "503 Service Unavailable", "text/plain", f"not ready: {reason}\n".encode()
         return "404 Not Found", "text/plain", b"not found\n"

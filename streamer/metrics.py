@@ -6,13 +6,27 @@ so that tests (and several services in one process) do not share global state.
 Names follow Prometheus conventions: ``streamer_`` prefix, base units, ``_total``
 for counters, ``_seconds`` and ``_bytes`` for units. No label value ever comes
 from input data: labels are topics, partitions, stages and fixed reason codes.
+
+Besides the ``streamer_`` families, every registry carries the standard
+``process_*`` families of the main process (CPU seconds, resident memory, open
+file descriptors, start time; read from /proc at scrape time, so absent where
+there is no /proc) and ``python_info``. Workers are separate processes and are
+not included in ``process_*``.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from streamer.errors import DEAD_LETTER_REASONS
 
@@ -61,6 +75,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # Collectors bound to this registry only: several Metrics() in one process
+        # (tests, the benchmarks) never clash over the global default registry.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.records_consumed = Counter(
             "streamer_records_consumed_total",
             "Records fetched from the input topic.",

@@ -156,14 +156,19 @@ class Output:
 
 
 async def read_outputs(options: dict[str, Any], topic: str) -> list[Output]:
-    """Every prediction in ``topic`` with its append time and its input's timestamp."""
+    """Every prediction in ``topic`` with its append time and its input's timestamp.
+
+    The batch size is in a prediction only when the service runs with
+    ``include_timings`` (``workload.service_settings`` sets it; the naive baseline
+    always writes 1).
+    """
     outputs = []
     async for record in read_records(options, topic, timeout_s=120.0):
         body = json.loads(record.value or b"{}")
+        if "batch_size" not in body:
+            raise ValueError(f"{topic}: a prediction without batch_size; set include_timings")
         outputs.append(
-            Output(
-                record.timestamp, int(body["source"]["timestamp"]), int(body.get("batch_size", 1))
-            )
+            Output(record.timestamp, int(body["source"]["timestamp"]), int(body["batch_size"]))
         )
     outputs.sort(key=lambda o: o.appended_ms)
     return outputs

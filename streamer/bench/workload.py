@@ -125,6 +125,8 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         "max_batch_delay_ms": config.max_batch_delay_ms,
         "max_in_flight": config.max_in_flight,
         "log_level": "WARNING",
+        # The benchmark reads each prediction's batch size (kafka_io.read_outputs).
+        "include_timings": True,
     }
     if config.decode_workers is not None:
         values["decode_workers"] = config.decode_workers

@@ -83,6 +83,39 @@ class Intake:
                 for record in records:
                     yield record, leases[tp]
 
+    def group_problem(self) -> str | None:
+        """Why the consumer is not a working member of its group now, or None.
+
+        aiokafka has no public API for this, so its coordinator's state is read here
+        and only here (tests/integration/test_broker_restart.py pins what it means).
+        The coordinator is forgotten when heartbeats fail for a session timeout, so a
+        lost broker shows within ``session_timeout_ms`` plus a heartbeat.
+        """
+        if self._consumer is None:
+            return "the consumer is not started"
+        group = self._settings.group_id
+        coordinator = self._consumer._coordinator
+        if coordinator is None or coordinator.coordinator_id is None:
+            return (
+                f"no coordinator for group {group!r}: the brokers "
+                f"({self._settings.bootstrap_servers}) are unreachable or electing one"
+            )
+        subscription = self._consumer._subscription.subscription
+        if coordinator.generation < 0 or subscription is None or subscription.assignment is None:
+            return f"joining group {group!r}"
+        return None
+
+    def position(self, tp: TopicPartition) -> int | None:
+        """The next offset the consumer fetches from ``tp``, without a request (None while
+        unknown). aiokafka's public ``position`` may send one, so its state is read here."""
+        if self._consumer is None:
+            return None
+        assignment = self._consumer._subscription.subscription.assignment
+        if assignment is None or tp not in assignment.tps:
+            return None
+        state = assignment.state_value(tp)
+        return int(state.position) if state.has_valid_position else None
+
     def owns(self, tp: TopicPartition) -> bool:
         return self._consumer is not None and tp in self._consumer.assignment()
 

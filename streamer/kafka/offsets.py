@@ -23,18 +23,48 @@ class PartitionOffsets:
         self._done: set[int] = set()
         self.next_commit: int | None = None  # everything below it is done
         self.committed = committed  # last offset committed to Kafka (or found there)
-        self.progressed_at = time.monotonic()  # last commit, or last time nothing was pending
+        self.highwater: int | None = None  # the partition's end, as the last fetch saw it
+        self.position: int | None = None  # the next offset the consumer fetches
+        # Last commit, or the last time the partition had nothing to do (nothing pending
+        # and no lag): the stall clock (``stalled_for``) runs from here.
+        self.progressed_at = time.monotonic()
 
     @property
     def pending(self) -> int:
         """Records started and not yet done."""
         return len(self._started)
 
+    @property
+    def lag(self) -> int:
+        """Records between the committed offset and the partition's end (0 when unknown)."""
+        if self.highwater is None or self.committed is None:
+            return 0
+        return max(0, self.highwater - self.committed)
+
+    def observe(self, highwater: int | None, position: int | None = None) -> None:
+        """Record the partition's end and the consumer's position there.
+
+        An idle partition's stall clock starts only when it stops being idle."""
+        if self._idle:
+            self.progressed_at = time.monotonic()
+        self.highwater, self.position = highwater, position
+
+    @property
+    def _idle(self) -> bool:
+        """Nothing pending and nothing left to fetch. The position counts too: after the
+        last record of a transaction, the commit marker keeps the lag at 1 for good."""
+        if self._started:
+            return False
+        fetched_all = None not in (self.position, self.highwater) and (
+            self.position >= self.highwater  # type: ignore[operator]
+        )
+        return self.lag == 0 or fetched_all
+
     def start(self, offset: int) -> bool:
         """Start ``offset``; False (nothing changes) if it is not above the last one started."""
         if self._started and offset <= self._started[-1]:
             return False
-        if not self._started:
+        if self._idle:
             self.progressed_at = time.monotonic()  # idle until now: not a stall
         self._started.append(offset)
         return True
@@ -57,5 +87,5 @@ class PartitionOffsets:
         self.progressed_at = time.monotonic()
 
     def stalled_for(self, now: float) -> float:
-        """Seconds without progress while records are pending (0 when none are)."""
-        return now - self.progressed_at if self._started else 0.0
+        """Seconds without progress while records are pending or lag waits (0 when idle)."""
+        return 0.0 if self._idle else now - self.progressed_at

@@ -154,7 +154,7 @@ class Partitions:
         return [lease for lease in self._leases.values() if lease.active]
 
     def stalled(self) -> list[PartitionLease]:
-        """Active leases whose records have made no progress for ``stall_timeout_s``."""
+        """Active leases with records pending or lag, and no progress for ``stall_timeout_s``."""
         now = time.monotonic()
         limit = self._settings.stall_timeout_s
         return [lease for lease in self.active() if lease.offsets.stalled_for(now) > limit]
@@ -273,11 +273,11 @@ class Partitions:
     def update_lag(self, leases: list[PartitionLease] | None = None) -> None:
         """Lag = high watermark - committed offset, per active partition."""
         for lease in self.active() if leases is None else leases:
-            highwater = self._intake.consumer.highwater(lease.tp)
-            committed = lease.offsets.committed
-            if highwater is not None and committed is not None:
+            consumer = self._intake.consumer
+            lease.offsets.observe(consumer.highwater(lease.tp), self._intake.position(lease.tp))
+            if lease.offsets.highwater is not None and lease.offsets.committed is not None:
                 self._metrics.consumer_lag.labels(lease.tp.topic, str(lease.tp.partition)).set(
-                    max(0, highwater - committed)
+                    lease.offsets.lag
                 )
         self._metrics.partitions_stalled.set(len(self.stalled()))
 

@@ -9,7 +9,7 @@ These limits keep every prediction small, whatever the input carried:
 what              limit       why
 ================  ==========  ===================================================
 key               4096 bytes  copied as the key of the prediction and dead letter
-``ce_id``         256 bytes   the prediction's ``id`` and a header (UTF-8 or not)
+``ce_id``         256 bytes   the prediction's ``id`` and ``ce_subject`` (UTF-8 or not)
 ``traceparent``   256 bytes   copied as a header (W3C's is 55 characters)
 ================  ==========  ===================================================
 
@@ -22,11 +22,19 @@ large, one step per rejection:
 4. then its key (``streamer-key-dropped-bytes``);
 5. after that nothing is left to drop, and ``OutputRejected`` stops the service: the
    dead-letter topic cannot hold a record of a few hundred bytes.
+
+A prediction is a CloudEvent in the Kafka binding's binary mode (``OutputEvent``). Its
+``ce_id`` is new, not the input's, and deterministic (``event_id``): the output of the
+same input record in the same consumer group always has the same id, so a duplicate
+written again after a crash (at-least-once) carries the id of the first and consumers
+can drop it. A dead letter is not a new event; it keeps the input's headers as they came.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TypeAlias
 
 from aiokafka import ConsumerRecord
@@ -40,7 +48,15 @@ from streamer.errors import (
 )
 from streamer.kafka.wire import UNREADABLE
 from streamer.schemas import (
+    CE_ID,
+    CE_SOURCE,
+    CE_SPECVERSION,
+    CE_SUBJECT,
+    CE_TIME,
+    CE_TYPE,
+    DLQ_ATTEMPTS,
     DLQ_CLASS,
+    DLQ_CONSUMER_GROUP,
     DLQ_HEADERS_DROPPED,
     DLQ_KEY_DROPPED_BYTES,
     DLQ_MESSAGE,
@@ -51,11 +67,16 @@ from streamer.schemas import (
     DLQ_SOURCE_TOPIC,
     DLQ_STAGE,
     DLQ_VALUE_DROPPED_BYTES,
+    HEADER_CONTENT_TYPE,
     HEADER_ID,
     HEADER_TRACEPARENT,
+    JSON_CONTENT_TYPE,
     MAX_ERROR_MESSAGE_CHARS,
+    PREDICTION_TYPE,
+    SPECVERSION,
     Headers,
     header,
+    record_id,
 )
 
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
@@ -65,6 +86,9 @@ MAX_ID_BYTES = 256
 MAX_TRACEPARENT_BYTES = 256
 _HEADER_LIMITS = ((HEADER_ID, MAX_ID_BYTES), (HEADER_TRACEPARENT, MAX_TRACEPARENT_BYTES))
 _OWN_HEADER_PREFIX = "streamer-"
+# Fixed for good: every output id is derived from it (``event_id``).
+EVENT_ID_NAMESPACE = uuid.UUID("8d0c7c3e-55a1-4d0e-9a43-2f6b1c9e7d21")
+DEFAULT_SOURCE = "streamer"
 
 
 @dataclass(frozen=True)
@@ -120,33 +144,97 @@ def metadata_error(record: Record) -> RecordError | None:
     return None
 
 
-def prediction(record: Record, topic: str, value: bytes, dead_letter: Outcome) -> Outcome:
-    """The prediction's message: the input's key, ``ce_id`` and ``traceparent`` kept."""
-    headers: Headers = [("content-type", b"application/json")]
-    headers += [
-        (k, v) for k, v in record.headers or () if k in (HEADER_ID, HEADER_TRACEPARENT) and v
-    ]
-    return Outcome(topic, value, record.key, headers, too_large=dead_letter)
+def event_id(group: str, record: Record, kind: str = "prediction") -> str:
+    """The ``ce_id`` of the ``kind`` output of ``record`` in consumer group ``group``.
+
+    A UUID (version 5) of ``<group>/<topic>/<partition>/<offset>/<kind>``: the same
+    record processed again by the same group gets the same id (consumers de-duplicate
+    on it), another group or another record gets another.
+    """
+    name = f"{group}/{record.topic}/{record.partition}/{record.offset}/{kind}"
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
 
 
-def dead_letter(record: Record, error: RecordError, topic: str) -> Outcome:
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class OutputEvent:
+    """The CloudEvents context of one prediction, written as binary-mode headers."""
+
+    id: str
+    source: str
+    subject: str
+    traceparent: bytes | None = None
+    type: str = PREDICTION_TYPE
+    time: datetime = field(default_factory=_now)
+
+    @classmethod
+    def for_record(
+        cls,
+        record: Record,
+        group: str = "",
+        source: str = DEFAULT_SOURCE,
+        subject: str | None = None,
+        traceparent: bytes | None = None,
+    ) -> OutputEvent:
+        """By default the subject and trace context are the input's headers."""
+        if subject is None:
+            subject = record_id(record.headers, record.topic, record.partition, record.offset)
+        if traceparent is None:
+            traceparent = header(record.headers, HEADER_TRACEPARENT)
+        return cls(event_id(group, record), source, subject, traceparent or None)
+
+    def headers(self) -> Headers:
+        when = self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        headers: Headers = [
+            (CE_SPECVERSION, SPECVERSION.encode()),
+            (CE_ID, self.id.encode()),
+            (CE_SOURCE, self.source.encode()),
+            (CE_TYPE, self.type.encode()),
+            (CE_SUBJECT, self.subject.encode("utf-8", errors="replace")),
+            (CE_TIME, when.encode()),
+            (HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode()),
+        ]
+        if self.traceparent:
+            headers.append((HEADER_TRACEPARENT, self.traceparent))
+        return headers
+
+
+def prediction(
+    record: Record,
+    topic: str,
+    value: bytes,
+    dead_letter: Outcome,
+    event: OutputEvent | None = None,
+) -> Outcome:
+    """The prediction's message: the input's key, the event's headers (module docstring).
+
+    Nothing else of the input's headers is copied: its ``ce_id`` becomes ``ce_subject``.
+    """
+    event = event or OutputEvent.for_record(record)
+    return Outcome(topic, value, record.key, event.headers(), too_large=dead_letter)
+
+
+def dead_letter(record: Record, error: RecordError, topic: str, group: str = "") -> Outcome:
     """The input's value, key and headers, plus the headers that say what went wrong.
 
     Header names that are not UTF-8 cannot be written back as they came (the Kafka
     client encodes names as UTF-8); they are kept with their bytes escaped (``\\xff``).
     """
     original = [(_writable(k), v) for k, v in record.headers or () if k != UNREADABLE]
-    return Outcome(
-        topic, record.value, record.key, original + dead_letter_headers(record, error), error.reason
-    )
+    headers = original + dead_letter_headers(record, error, group)
+    return Outcome(topic, record.value, record.key, headers, error.reason)
 
 
-def too_large_dead_letter(record: Record, topic: str) -> Outcome:
+def too_large_dead_letter(record: Record, topic: str, group: str = "") -> Outcome:
     error = OutputTooLarge("the prediction is larger than the output topic accepts")
-    return dead_letter(record, error, topic)
+    return dead_letter(record, error, topic, group)
 
 
-def dead_letter_headers(record: Record, error: RecordError) -> Headers:
+def dead_letter_headers(record: Record, error: RecordError, group: str = "") -> Headers:
+    """The ``DLQ_HEADERS`` (docs/contract/dead-letter-headers.md)."""
     message = str(error)[:MAX_ERROR_MESSAGE_CHARS]
     return [
         (DLQ_STAGE, error.stage.encode()),
@@ -157,6 +245,8 @@ def dead_letter_headers(record: Record, error: RecordError) -> Headers:
         (DLQ_SOURCE_PARTITION, str(record.partition).encode()),
         (DLQ_SOURCE_OFFSET, str(record.offset).encode()),
         (DLQ_SOURCE_TIMESTAMP, str(record.timestamp).encode()),
+        (DLQ_CONSUMER_GROUP, group.encode()),
+        (DLQ_ATTEMPTS, str(error.attempts).encode()),
     ]
 
 

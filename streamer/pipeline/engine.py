@@ -11,8 +11,10 @@ batcher, and ``classify`` runs one payload through them:
 
 Retriable failures (a worker died holding this payload) are retried up to
 ``max_record_attempts`` times from the stage that failed; decoded pixels stay in
-the slot, so an inference retry does not decode again. The service wraps the
-engine with Kafka; the benchmark drives it directly.
+the slot, so an inference retry does not decode again. When the attempts run out,
+``RetriesExhausted`` names the stage of the last failure (``decode`` or
+``inference``); any ``RecordError`` carries the number of attempts made. The
+service wraps the engine with Kafka; the benchmark drives it directly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from streamer.config import Settings
 from streamer.errors import (
     DecodeError,
     PayloadTooLarge,
+    RecordError,
     RetriesExhausted,
     StreamerError,
     WorkerCrashed,
@@ -208,14 +211,13 @@ class Engine:
                 )
             except StreamerError as exc:
                 if not exc.retriable:
+                    if isinstance(exc, RecordError):
+                        exc.attempts = attempt
                     raise
-                if attempt == attempts:
-                    crashed = isinstance(exc, WorkerCrashed)
-                    raise RetriesExhausted(
-                        f"gave up after {attempt} attempts: {exc}",
-                        reason="worker-crashed" if crashed else "inference-failed",
-                    ) from exc
+                # No decode time yet: the decode worker failed, not the inference one.
                 stage = "decode" if decode_s is None else "inference"
+                if attempt == attempts:
+                    raise RetriesExhausted(exc, stage=stage, attempts=attempt) from exc
                 self.metrics.record_retries.labels(stage).inc()
                 log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
         raise AssertionError("unreachable: the last attempt returns or raises")

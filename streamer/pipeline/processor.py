@@ -1,23 +1,30 @@
 """What one Kafka record turns into: a prediction or a dead letter.
 
-``RecordProcessor.process`` has the engine classify the record's value and
-returns the ``Outcome`` to publish: the prediction, or, for any ``RecordError``
-(key or headers above their limits, bad image, too large, retries exhausted), a
-dead letter carrying the original bytes and the error (``streamer.kafka.records``).
-Sending it is the delivery's job (``streamer.kafka.delivery``),
-which differs between at-least-once and exactly-once; ``delivered`` counts it
-once it is durable.
+``RecordProcessor.process`` takes the image out of the record (``envelope``: binary
+or structured CloudEvent), has the engine classify it and returns the ``Outcome`` to
+publish: the prediction, a CloudEvent in binary mode, or, for any ``RecordError``
+(key or headers above their limits, a malformed structured event, bad image, too
+large, retries exhausted), a dead letter carrying the original bytes and the error
+(``streamer.kafka.records``). Batch size and timings go into the prediction only
+with ``include_timings``; the metrics observe them either way.
+
+Sending it is the delivery's job (``streamer.kafka.delivery``), which differs
+between at-least-once and exactly-once; ``delivered`` counts it once it is durable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 
+from streamer.config import Settings
 from streamer.errors import RecordError
 from streamer.kafka.records import (
+    DEFAULT_SOURCE,
     Outcome,
+    OutputEvent,
     Record,
     dead_letter,
     metadata_error,
@@ -25,16 +32,35 @@ from streamer.kafka.records import (
     too_large_dead_letter,
 )
 from streamer.metrics import Metrics
-from streamer.pipeline.engine import Engine
-from streamer.schemas import Label, Prediction, Source, Timings, record_id
+from streamer.pipeline.engine import Classified, Engine
+from streamer.pipeline.envelope import Envelope, is_structured, open_envelope
+from streamer.schemas import SCHEMA_VERSION, Label, Prediction, Source, Timings
 
 log = logging.getLogger(__name__)
+
+# Structured events larger than this are parsed off the event loop.
+_PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
 class ProcessorConfig:
     output_topic: str
     dlq_topic: str
+    group_id: str = ""
+    event_source: str = DEFAULT_SOURCE  # the outputs' ce_source
+    include_timings: bool = False
+    max_payload_bytes: int = 8 * 1024 * 1024
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> ProcessorConfig:
+        return cls(
+            s.output_topic,
+            s.dlq_topic,
+            s.group_id,
+            s.event_source or f"streamer/{s.group_id}",
+            s.include_timings,
+            s.max_payload_bytes,
+        )
 
 
 class RecordProcessor:
@@ -56,12 +82,16 @@ class RecordProcessor:
             error = metadata_error(record)
             if error is not None:
                 raise error
-            result = await self._classify(record, fetched_at, permit_wait_s)
+            envelope = await self._open(record)
+            result = await self._classify(record, envelope, fetched_at, permit_wait_s)
         except RecordError as error:
             return self._dead_letter(record, error)
-        value = result.model_dump_json().encode()
-        too_large = too_large_dead_letter(record, self._config.dlq_topic)
-        return prediction(record, self._config.output_topic, value, too_large)
+        c = self._config
+        event = OutputEvent.for_record(
+            record, c.group_id, c.event_source, envelope.id, envelope.traceparent
+        )
+        too_large = too_large_dead_letter(record, c.dlq_topic, c.group_id)
+        return prediction(record, c.output_topic, result.to_json(), too_large, event)
 
     def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
         """Count an outcome once it is durable (acked, or committed in a transaction)."""
@@ -73,11 +103,16 @@ class RecordProcessor:
         else:
             m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()
 
+    async def _open(self, record: Record) -> Envelope:
+        limit = self._config.max_payload_bytes
+        if is_structured(record) and len(record.value or b"") > _PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(open_envelope, record, limit)
+        return open_envelope(record, limit)
+
     async def _classify(
-        self, record: Record, fetched_at: float, permit_wait_s: float
+        self, record: Record, envelope: Envelope, fetched_at: float, permit_wait_s: float
     ) -> Prediction:
-        result = await self._engine.classify(record.value or b"")
-        assert self._engine.model_info is not None
+        result = await self._engine.classify(envelope.image)
         now = time.perf_counter()
         kafka_s = max(0.0, time.time() - record.timestamp / 1000.0 - (now - fetched_at))
         m = self._metrics
@@ -86,8 +121,24 @@ class RecordProcessor:
         m.observe_stage("decode", result.decode_s)
         m.observe_stage("batch_wait", result.batch_wait_s)
         m.observe_stage("inference", result.forward_s)
+        timings = Timings(
+            kafka_ms=kafka_s * 1000,
+            permit_wait_ms=permit_wait_s * 1000,
+            decode_ms=result.decode_s * 1000,
+            batch_wait_ms=result.batch_wait_s * 1000,
+            inference_ms=result.forward_s * 1000,
+            total_ms=(kafka_s + now - fetched_at) * 1000,
+        )
+        return self._prediction(record, envelope.id, result, timings)
+
+    def _prediction(
+        self, record: Record, input_id: str, result: Classified, timings: Timings
+    ) -> Prediction:
+        assert self._engine.model_info is not None
+        extra = self._config.include_timings
         return Prediction(
-            id=record_id(record.headers, record.topic, record.partition, record.offset),
+            schema_version=SCHEMA_VERSION,
+            id=input_id,
             source=Source(
                 topic=record.topic,
                 partition=record.partition,
@@ -99,15 +150,8 @@ class RecordProcessor:
                 Label(index=i, label=self._labels[i], score=s)
                 for i, s in zip(result.indices, result.scores, strict=True)
             ],
-            batch_size=result.batch_size,
-            timings=Timings(
-                kafka_ms=kafka_s * 1000,
-                permit_wait_ms=permit_wait_s * 1000,
-                decode_ms=result.decode_s * 1000,
-                batch_wait_ms=result.batch_wait_s * 1000,
-                inference_ms=result.forward_s * 1000,
-                total_ms=(kafka_s + now - fetched_at) * 1000,
-            ),
+            batch_size=result.batch_size if extra else None,
+            timings=timings if extra else None,
         )
 
     def _dead_letter(self, record: Record, error: RecordError) -> Outcome:
@@ -120,4 +164,4 @@ class RecordProcessor:
             error.reason,
             error,
         )
-        return dead_letter(record, error, self._config.dlq_topic)
+        return dead_letter(record, error, self._config.dlq_topic, self._config.group_id)

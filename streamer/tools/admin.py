@@ -10,7 +10,8 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from streamer.tools.common import add_connection_flags, client_options, tool_settings
+from streamer.tools.common import add_connection_flags, client_options, connected, tool_settings
+from streamer.tools.errors import one_line_errors
 
 
 def add_parser(commands: Any) -> None:
@@ -37,9 +38,7 @@ async def create_topics(
 
     ``max_message_bytes`` sets the topics' ``max.message.bytes`` (None: the broker's).
     """
-    admin = AIOKafkaAdminClient(**options)
-    await admin.start()
-    try:
+    async with connected(AIOKafkaAdminClient(**options), options["bootstrap_servers"]) as admin:
         existing = set(await admin.list_topics())
         missing = [n for n in names if n not in existing]
         configs = {"max.message.bytes": str(max_message_bytes)} if max_message_bytes else {}
@@ -52,10 +51,9 @@ async def create_topics(
                     ]
                 )
         return missing
-    finally:
-        await admin.close()
 
 
+@one_line_errors("create-topics")
 def _main(args: argparse.Namespace) -> int:
     s = tool_settings(args)
     names = args.topics or [s.input_topic, s.output_topic, s.dlq_topic]

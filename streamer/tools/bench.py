@@ -1,7 +1,8 @@
 """``streamer bench``: measure ceiling, engine, end-to-end, naive baseline, latency and memory.
 
 Writes ``results.json``, PNG plots and ``summary.md`` to ``--results`` (default
-``results/bench-<timestamp>``). Needs a Kafka broker; topics are fresh per run.
+``results/bench-<timestamp>``). Needs a Kafka broker; topics are fresh per run,
+and the ``bench`` extra (psutil, matplotlib, scikit-image).
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from streamer import logs
+from streamer.tools.errors import one_line_errors, require_extra
+
+# What the bench extra installs, by import name: process figures, plots, the corpus.
+BENCH_MODULES = ("psutil", "matplotlib", "skimage")
 
 
 def add_parser(commands: Any) -> None:
@@ -78,7 +83,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return BenchConfig.quick(**overrides) if args.quick else BenchConfig.full(**overrides)
 
 
+@one_line_errors("bench", quiet_client_logs=False)
 def _main(args: argparse.Namespace) -> int:
+    require_extra("bench", "bench", BENCH_MODULES)
     from streamer.bench import report, runner  # imports torch and matplotlib: only here
 
     logs.configure(args.log_level)

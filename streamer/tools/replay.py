@@ -12,12 +12,15 @@ dead-letter offsets are committed in one Kafka transaction, so a crash mid-run
 replays the uncommitted part again and never repeats a committed one. Records
 that do not match the filters are passed over and the group moves past them;
 replay them later with another ``--replay-group`` (or ``--from-beginning``).
+Because of that, an unknown ``--reason`` (a typo would match nothing and move
+the group past every dead letter) is refused before any offset is touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -27,9 +30,17 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from streamer import errors
 from streamer.kafka import wire
 from streamer.schemas import DLQ_HEADERS, DLQ_REASON, DLQ_SOURCE_TIMESTAMP, Headers, header
-from streamer.tools.common import add_connection_flags, client_options, tool_settings
+from streamer.tools.common import (
+    add_connection_flags,
+    client_options,
+    connected,
+    require_topic,
+    tool_settings,
+)
+from streamer.tools.errors import UsageError, one_line_errors
 
 REPLAYED_FROM = "streamer-replayed-from"
 TRANSACTION_RECORDS = 500
@@ -80,19 +91,19 @@ async def replay(
         auto_offset_reset="earliest",
         **options,
     )
-    producer = AIOKafkaProducer(
-        transactional_id=f"{group}-{dlq_topic}",
-        acks="all",
-        enable_idempotence=True,
-        max_request_size=64 * 1024 * 1024,
-        **options,
-    )
-    await consumer.start()
-    await producer.start()
     report = ReplayReport()
-    try:
-        if dlq_topic not in await consumer.topics():
-            raise SystemExit(f"streamer replay: no topic {dlq_topic!r}")
+    async with contextlib.AsyncExitStack() as clients:  # stopped in reverse: producer first
+        await clients.enter_async_context(connected(consumer, options["bootstrap_servers"]))
+        require_topic(await consumer.topics(), dlq_topic)
+        # Made only now: a producer that is never started still warns "Unclosed".
+        producer = AIOKafkaProducer(
+            transactional_id=f"{group}-{dlq_topic}",
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=64 * 1024 * 1024,
+            **options,
+        )
+        await clients.enter_async_context(connected(producer, options["bootstrap_servers"]))
         known = await producer.partitions_for(dlq_topic)  # waits for the topic's metadata
         partitions = [TopicPartition(dlq_topic, p) for p in sorted(known)]
         consumer.assign(partitions)
@@ -124,9 +135,6 @@ async def replay(
                             report.replayed += 1
                 if offsets:
                     await producer.send_offsets_to_transaction(offsets, group)
-    finally:
-        await producer.stop()
-        await consumer.stop()
 
 
 def add_parser(commands: Any) -> None:
@@ -167,7 +175,19 @@ def _timestamp_ms(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
 
 
+def check_reasons(reasons: list[str]) -> None:
+    """UsageError for a reason no dead letter carries (``streamer.errors.DEAD_LETTER_REASONS``,
+    read at each call: the list grows with the service)."""
+    valid = errors.DEAD_LETTER_REASONS
+    if unknown := [r for r in reasons if r not in valid]:
+        raise UsageError(
+            f"unknown --reason {', '.join(map(repr, unknown))}; valid reasons: {', '.join(valid)}"
+        )
+
+
+@one_line_errors("replay")
 def _main(args: argparse.Namespace) -> int:
+    check_reasons(args.reason)  # before any client exists: a typo must not move the group
     s = tool_settings(args)
     group = args.replay_group or f"{s.group_id}.replay"
     filters = ReplayFilter(frozenset(args.reason), args.since, args.until)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +59,21 @@ class WeightsSpec:
                 f"--weights {text!r}: expected 'imagenet', 'random[:SEED]' or a state_dict file"
             )
         return cls("file", path=str(path.resolve()))
+
+
+def imagenet_unavailable(timeout_s: float = 10.0) -> str | None:
+    """Why ``--weights imagenet`` cannot load here, or None when it can: the weights are
+    in torch's cache, or their download URL answers within ``timeout_s``."""
+    url = ResNet18_Weights.IMAGENET1K_V1.url
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if cached.is_file():
+        return None
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
+            return None
+    except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+        reason = getattr(exc, "reason", exc)
+        return f"they are not in {cached.parent} and {url} cannot be reached ({reason})"
 
 
 def build_model(spec: WeightsSpec) -> tuple[ResNet, str]:

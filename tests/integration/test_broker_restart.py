@@ -17,6 +17,7 @@ import pytest
 from streamer import corpus
 from streamer.tools.admin import create_topics
 from tests.conftest import KAFKACTL
+from tests.httpclient import Response, request
 from tests.integration.helpers import (
     count_by_id,
     output_ids,
@@ -83,6 +84,38 @@ async def test_service_survives_a_broker_restart(
     if delivery == "exactly-once":
         assert duplicates == 0
     print(f"delivery={delivery} inputs={distinct} lost=0 duplicates={duplicates}")
+
+
+async def test_readyz_is_503_while_the_broker_is_away_and_200_once_it_is_back(
+    own_broker: str, unique_name: str
+) -> None:
+    options = {"bootstrap_servers": own_broker}
+    settings = service_settings(own_broker, unique_name)
+    await create_topics(options, [f"{unique_name}-{s}" for s in ("in", "out", "dlq")], 2)
+    async with running_service(settings) as service:
+        url = f"http://127.0.0.1:{service.metrics_port}/readyz"
+        ready = await wait_for_readyz(url, 200, 60)
+        await asyncio.to_thread(kafkactl, "down")
+        away = await wait_for_readyz(url, 503, 30)
+        await asyncio.to_thread(kafkactl, "up")
+        back = await wait_for_readyz(url, 200, 60)
+        assert service.state.value == "running"
+    assert ready.text == "ready\n"
+    assert away.text.startswith(f"not ready: no coordinator for group {unique_name!r}"), away.text
+    assert own_broker in away.text
+    assert back.text == "ready\n"
+
+
+async def wait_for_readyz(url: str, status: int, timeout_s: float) -> Response:
+    """The first /readyz answer with ``status``; fails after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        response = await request(url)
+        if response.status == status:
+            return response
+        assert loop.time() < deadline, f"/readyz not {status} within {timeout_s} s: {response}"
+        await asyncio.sleep(0.5)
 
 
 def _messages(images: list[corpus.Sample]) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:

@@ -95,7 +95,7 @@ async def test_metrics_exports_every_streamer_metric_in_text_format(
     expected = {f.name for f in text_string_to_metric_families(fresh)}
     assert expected, "Metrics() defines no metric families"
     assert expected <= families.keys(), f"missing: {sorted(expected - families.keys())}"
-    assert all(name.startswith("streamer_") for name in families)
+    assert all(name.startswith(("streamer_", "process_", "python_")) for name in families)
 
     def value(family: str, sample: str, **labels: str) -> float:
         for s in families[family].samples:

@@ -21,7 +21,12 @@ async def test_loop_lag_stays_low_while_long_batches_run(
 ) -> None:
     # Big batches: each forward pass takes far longer than the 100 ms lag budget.
     settings = service_settings(
-        kafka_bootstrap, unique_name, max_batch_size=32, max_batch_delay_ms=500, max_in_flight=96
+        kafka_bootstrap,
+        unique_name,
+        max_batch_size=32,
+        max_batch_delay_ms=500,
+        max_in_flight=96,
+        include_timings=True,
     )
     await new_topics("in", "out", "dlq", partitions=3)
     images = samples[:96]

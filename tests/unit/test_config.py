@@ -58,3 +58,8 @@ def test_invalid_settings_are_rejected(bad: dict[str, object]) -> None:
 def test_shared_memory_bound_follows_the_documented_formula() -> None:
     settings = Settings(max_in_flight=10, max_batch_size=8, max_payload_bytes=2048)
     assert settings.shared_memory_bytes == 10 * (2048 + 3 * 224 * 224)
+
+
+def test_every_setting_is_described_for_the_help() -> None:
+    undocumented = [name for name, f in Settings.model_fields.items() if not f.description]
+    assert undocumented == []

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamer.errors import ConfigError
 from streamer.http import MetricsServer
 from tests.httpclient import request
 
@@ -16,13 +17,13 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class Readiness:
-    """A ready callable the test flips, standing in for the service's state."""
+    """A not-ready callable the test flips, standing in for the service's state."""
 
     def __init__(self) -> None:
         self.value = False
 
-    def __call__(self) -> bool:
-        return self.value
+    def __call__(self) -> str | None:
+        return None if self.value else "starting"
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ async def test_readyz_follows_the_ready_callable(base_url: str, readiness: Readi
     readiness.value = False
     not_ready_again = await request(f"{base_url}/readyz")
 
-    assert (not_ready.status, not_ready.text) == (503, "not ready\n")
+    assert (not_ready.status, not_ready.text) == (503, "not ready: starting\n")
     assert (ready.status, ready.text) == (200, "ready\n")
     assert not_ready_again.status == 503
 
@@ -105,3 +106,16 @@ async def test_stop_closes_the_port(registry: CollectorRegistry, readiness: Read
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
         await writer.wait_closed()
+
+
+async def test_a_port_in_use_is_a_config_error_naming_the_setting(
+    registry: CollectorRegistry, readiness: Readiness
+) -> None:
+    first = MetricsServer("127.0.0.1", 0, registry, readiness)
+    await first.start()
+    try:
+        second = MetricsServer("127.0.0.1", first.port, registry, readiness)
+        with pytest.raises(ConfigError, match=r"STREAMER_METRICS_PORT.*free port"):
+            await second.start()
+    finally:
+        await first.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from aiokafka.structs import TopicPartition
 
@@ -59,6 +61,37 @@ def test_a_stall_is_time_without_progress_while_records_are_pending() -> None:
     offsets.done(0)
     offsets.mark_committed(1)
     assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0
+
+
+def test_lag_with_nothing_fetched_is_a_stall_and_catching_up_is_progress() -> None:
+    offsets = PartitionOffsets(committed=10)
+    offsets.observe(highwater=10)  # caught up: idle, not stalled
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0
+    offsets.observe(highwater=15)  # five records wait, and none is fetched (nothing pending)
+    assert offsets.lag == 5
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == pytest.approx(1000)
+    offsets.mark_committed(15)
+    offsets.observe(highwater=15)
+    assert offsets.lag == 0
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0
+
+
+def test_a_consumer_past_the_end_is_idle_though_a_commit_marker_keeps_lag_at_one() -> None:
+    offsets = PartitionOffsets(committed=10)  # records 0-9, then a transaction's marker at 10
+    offsets.observe(highwater=11, position=11)
+    assert offsets.lag == 1
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == 0.0
+    offsets.observe(highwater=12, position=11)  # a new record is not fetched yet
+    assert offsets.stalled_for(offsets.progressed_at + 1000) == pytest.approx(1000)
+
+
+def test_an_idle_partition_that_gets_new_records_starts_its_stall_clock_then() -> None:
+    offsets = PartitionOffsets(committed=10)
+    offsets.progressed_at -= 3600  # idle and caught up for an hour
+    offsets.observe(highwater=10)
+    assert offsets.stalled_for(time.monotonic()) < 1.0
+    offsets.observe(highwater=11)
+    assert offsets.stalled_for(time.monotonic()) < 1.0, "the hour idle is not a stall"
 
 
 def test_late_ack_after_the_lease_ended_changes_nothing() -> None:

@@ -70,6 +70,9 @@ class FakeIntake:
     def owns(self, tp: TopicPartition) -> bool:
         return tp in self.consumer.assigned
 
+    def position(self, tp: TopicPartition) -> int | None:
+        return None
+
 
 def exactly_once(
     broker: Broker, producer: type[FakeProducer] = FakeProducer

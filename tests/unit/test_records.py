@@ -1,25 +1,46 @@
-"""Metadata limits and the one oversize policy (``streamer.kafka.records``)."""
+"""Metadata limits, the oversize policy and the headers of outputs (``streamer.kafka.records``)."""
 
 from __future__ import annotations
 
+import json
+import uuid
+from datetime import UTC, datetime
+
+import jsonschema
 import pytest
 from aiokafka import ConsumerRecord
+from cloudevents.core.bindings.kafka import KafkaMessage, from_binary_event
 
-from streamer.errors import InvalidMetadata, OutputRejected
+from streamer.contract import CONTRACT_DIR
+from streamer.errors import (
+    DecodeError,
+    InvalidMetadata,
+    OutputRejected,
+    RetriesExhausted,
+    WorkerCrashed,
+)
 from streamer.kafka.records import (
     MAX_ID_BYTES,
     MAX_KEY_BYTES,
     MAX_TRACEPARENT_BYTES,
+    OutputEvent,
+    dead_letter,
+    event_id,
     metadata_error,
     prediction,
     smaller,
     too_large_dead_letter,
 )
 from streamer.schemas import (
+    DLQ_ATTEMPTS,
+    DLQ_CONSUMER_GROUP,
+    DLQ_HEADERS,
     DLQ_HEADERS_DROPPED,
     DLQ_KEY_DROPPED_BYTES,
     DLQ_REASON,
+    DLQ_STAGE,
     DLQ_VALUE_DROPPED_BYTES,
+    PREDICTION_TYPE,
 )
 
 pytestmark = pytest.mark.timeout(10)
@@ -66,11 +87,88 @@ def test_a_rejected_output_shrinks_one_step_at_a_time_until_nothing_is_left() ->
     assert no_key.key is None and dict(no_key.headers)[DLQ_KEY_DROPPED_BYTES] == b"1"
 
 
-def test_a_prediction_keeps_only_the_id_and_trace_headers() -> None:
+def schema(name: str) -> dict:
+    return json.loads((CONTRACT_DIR / name).read_text())
+
+
+def as_dict(headers: list[tuple[str, bytes]]) -> dict[str, str]:
+    return {k: v.decode("utf-8", "replace") for k, v in headers}
+
+
+def test_a_prediction_is_a_binary_mode_cloudevent_about_its_input() -> None:
     source = record(headers=[("ce_id", b"a"), ("traceparent", b"t"), ("secret", b"s")])
-    output = prediction(source, "out", b"{}", too_large_dead_letter(source, "dlq"))
-    assert output.headers == [
-        ("content-type", b"application/json"),
-        ("ce_id", b"a"),
-        ("traceparent", b"t"),
-    ]
+    event = OutputEvent.for_record(source, "group", "streamer/group")
+    output = prediction(source, "out", b'{"x": 1}', too_large_dead_letter(source, "dlq"), event)
+    headers = dict(output.headers)
+    assert headers["ce_id"] != b"a", "the output is a new event: it has its own id"
+    assert headers["ce_subject"] == b"a"
+    assert headers["traceparent"] == b"t"
+    assert "secret" not in headers
+    parsed = from_binary_event(KafkaMessage(headers, output.key, output.value or b""))
+    assert parsed.get_id() == event.id and parsed.get_source() == "streamer/group"
+    assert parsed.get_type() == PREDICTION_TYPE
+    assert parsed.get_datacontenttype() == "application/json"
+    assert parsed.get_data() == {"x": 1}
+    jsonschema.validate(as_dict(output.headers), schema("prediction-headers.schema.json"))
+
+
+def test_the_prediction_headers_schema_rejects_a_passed_through_input_id() -> None:
+    old_style = {"content-type": "application/json", "ce_id": "a"}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(old_style, schema("prediction-headers.schema.json"))
+
+
+def test_ce_time_is_rfc3339_utc_with_milliseconds() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, 678_901, tzinfo=UTC)
+    event = OutputEvent("id", "src", "subject", time=when)
+    assert dict(event.headers())["ce_time"] == b"2026-01-02T03:04:05.678Z"
+
+
+def test_the_output_id_is_the_same_for_a_reprocessed_record_and_new_otherwise() -> None:
+    first = event_id("g", record())
+    assert first == event_id("g", record())
+    assert uuid.UUID(first).version == 5
+    other_offset = ConsumerRecord("in", 2, 8, 1000, 0, b"k", b"image", None, 0, 0, ())
+    others = {
+        event_id("g", other_offset),
+        event_id("h", record()),
+        event_id("g", record(), kind="other"),
+    }
+    assert first not in others and len(others) == 3
+
+
+def test_without_a_ce_id_the_subject_is_where_the_input_came_from() -> None:
+    event = OutputEvent.for_record(record(headers=[]), "g")
+    assert event.subject == "in/2/7" and event.traceparent is None
+
+
+def test_a_dead_letter_keeps_the_input_and_names_group_and_attempts() -> None:
+    source = record(headers=[("ce_id", b"a"), ("x-user", b"u")])
+    error = DecodeError("bad", reason="corrupt")
+    error.attempts = 2
+    letter = dead_letter(source, error, "dlq", "the-group")
+    headers = dict(letter.headers)
+    assert letter.value == b"image" and letter.key == b"k"
+    assert headers["ce_id"] == b"a" and headers["x-user"] == b"u"
+    assert headers[DLQ_CONSUMER_GROUP] == b"the-group"
+    assert headers[DLQ_ATTEMPTS] == b"2"
+    assert set(DLQ_HEADERS) <= set(headers)
+    jsonschema.validate(as_dict(letter.headers), schema("dead-letter-headers.schema.json"))
+
+
+def test_a_decode_worker_crash_is_dead_lettered_at_the_decode_stage() -> None:
+    error = RetriesExhausted(WorkerCrashed("decode", -9), stage="decode", attempts=3)
+    headers = dict(dead_letter(record(), error, "dlq", "g").headers)
+    assert headers[DLQ_STAGE] == b"decode"
+    assert headers[DLQ_REASON] == b"worker-crashed"
+    assert headers[DLQ_ATTEMPTS] == b"3"
+
+
+def test_every_shrunk_dead_letter_still_has_the_published_headers() -> None:
+    source = record()
+    letter = too_large_dead_letter(source, "dlq", "g")
+    published = schema("dead-letter-headers.schema.json")
+    with pytest.raises(OutputRejected):
+        while True:
+            jsonschema.validate(as_dict(letter.headers), published)
+            letter = smaller(letter)

@@ -1,11 +1,13 @@
-"""Engine logic with a stand-in inference pool: crash isolation, device statistics."""
+"""Engine logic with stand-in pools: crash isolation, retries and their stage, device statistics."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from streamer.config import Settings
-from streamer.errors import WorkerCrashed
+from streamer.errors import DecodeError, InferenceFailed, RetriesExhausted, WorkerCrashed
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine, _BatchItem
 from streamer.workers.inference_worker import BatchResult
@@ -84,3 +86,80 @@ async def test_cpu_batches_export_no_gpu_series() -> None:
     engine.inference = CrashingPool()  # type: ignore[assignment]
     await engine._infer([1, 2])
     assert metrics.registry.get_sample_value("streamer_gpu_memory_bytes", {"device": "cpu"}) is None
+
+
+class DyingDecoders:
+    """Stands in for the decode pool: the worker dies on every request."""
+
+    async def submit(self, request: Any) -> Any:
+        raise WorkerCrashed("decode", -11)
+
+
+class Decoders:
+    async def submit(self, request: Any) -> Any:
+        return 0.001, 0  # (decode seconds, orientation)
+
+
+class Batches:
+    """Stands in for the batcher: answers each entry with the next of ``results``.
+
+    Like the real one, a crash or a bad image is the entry's result, while a batch
+    that raised (``InferenceFailed``) raises from ``submit``.
+    """
+
+    def __init__(self, *results: Any) -> None:
+        self.results = list(results)
+
+    async def submit(self, entry: Any) -> Any:
+        result = self.results.pop(0)
+        if isinstance(result, InferenceFailed):
+            raise result
+        return result
+
+
+def engine_with(decoders: Any, batches: Any, attempts: int = 3) -> Engine:
+    engine = Engine(
+        Settings(weights="random:0", device="cpu", max_record_attempts=attempts), Metrics()
+    )
+    engine.decoders = decoders
+    engine._batcher = batches
+    return engine
+
+
+@pytest.mark.timeout(10)
+async def test_a_decode_worker_that_keeps_dying_is_dead_lettered_at_the_decode_stage() -> None:
+    engine = engine_with(DyingDecoders(), Batches())
+    with pytest.raises(RetriesExhausted) as caught:
+        await engine._classify_slot(0, 10)
+    error = caught.value
+    assert (error.stage, error.reason, error.attempts) == ("decode", "worker-crashed", 3)
+
+
+@pytest.mark.timeout(10)
+async def test_an_inference_worker_that_keeps_dying_is_dead_lettered_at_the_inference_stage() -> (
+    None
+):
+    crashed = WorkerCrashed("inference", -9)
+    engine = engine_with(Decoders(), Batches(crashed, crashed), attempts=2)
+    with pytest.raises(RetriesExhausted) as caught:
+        await engine._classify_slot(0, 10)
+    error = caught.value
+    assert (error.stage, error.reason, error.attempts) == ("inference", "worker-crashed", 2)
+
+
+@pytest.mark.timeout(10)
+async def test_a_failing_batch_is_inference_failed_at_the_inference_stage() -> None:
+    failed = InferenceFailed("CUDA error")
+    engine = engine_with(Decoders(), Batches(failed, failed), attempts=2)
+    with pytest.raises(RetriesExhausted) as caught:
+        await engine._classify_slot(0, 10)
+    assert (caught.value.stage, caught.value.reason) == ("inference", "inference-failed")
+
+
+@pytest.mark.timeout(10)
+async def test_a_bad_image_found_after_a_crash_counts_both_attempts() -> None:
+    bad = DecodeError("device decode failed", reason="corrupt")
+    engine = engine_with(Decoders(), Batches(WorkerCrashed("inference", -9), bad))
+    with pytest.raises(DecodeError) as caught:
+        await engine._classify_slot(0, 10)
+    assert caught.value.attempts == 2 and caught.value.stage == "decode"
