@@ -76,5 +76,11 @@ fuzz: setup
 	STREAMER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/unit/test_decode.py -k never_escape \
 		-o timeout=7200 $(PYTEST_ARGS)
 
+# The Helm chart (docs/KUBERNETES.md): lint and render every variant with the pinned Helm, which
+# deploy/helm/helmctl builds into ~/.cache/streamer/helm on first use (a few minutes; needs Go).
+.PHONY: helm-check
+helm-check: setup
+	$(BIN)/pytest tests/unit/test_helm.py $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache results

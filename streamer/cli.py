@@ -1,4 +1,5 @@
-"""Command line: ``streamer run | produce | consume | create-topics | samples | replay | bench``.
+"""Command line: ``streamer run`` and the tools (produce, consume, create-topics, samples,
+replay, bench, lag, capacity).
 
 The top level is a plain argparse parser; each tool adds its own subcommand
 through ``add_parser(commands)``. The flags of ``run`` are not written here: they
@@ -72,13 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     from streamer.tools import (  # light: no torch import
         admin,
         bench,
+        capacity,
         consume,
+        lag,
         produce,
         replay,
         samples,
     )
 
-    for tool in (produce, consume, admin, samples, replay, bench):
+    for tool in (produce, consume, admin, samples, replay, bench, lag, capacity):
         tool.add_parser(commands)
     return parser
 

@@ -8,9 +8,10 @@ e.g. ``STREAMER_MAX_BATCH_SIZE=64``; command-line flags win over the environment
 from __future__ import annotations
 
 import os
+import socket
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PIXELS_PER_SLOT = 3 * 224 * 224
@@ -21,10 +22,36 @@ def default_decode_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def read_secret_file(setting: str, path: str) -> SecretStr:
+    """The content of a secret file, without its trailing newline.
+
+    Errors name the setting, the path and the reason, never the content.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.read().rstrip("\r\n")
+    except OSError as exc:
+        raise ValueError(
+            f"{setting}: cannot read {path!r} ({exc.strerror or type(exc).__name__})"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{setting}: {path!r} is not UTF-8 text") from None
+    if not secret:
+        raise ValueError(f"{setting}: {path!r} is empty")
+    return SecretStr(secret)
+
+
 class Settings(BaseSettings):
     """The service's configuration; see the module docstring for where values come from."""
 
-    model_config = SettingsConfigDict(env_prefix="STREAMER_", frozen=True, extra="forbid")
+    # hide_input_in_errors: a model-level error would otherwise print every input,
+    # the plain-text password included.
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMER_", frozen=True, extra="forbid", hide_input_in_errors=True
+    )
+
+    # Set once by the validator from sasl_password_file; never dumped or shown.
+    _password_from_file: SecretStr | None = PrivateAttr(None)
 
     # Kafka
     bootstrap_servers: str = Field(
@@ -36,6 +63,20 @@ class Settings(BaseSettings):
         "images.dlq", description="dead-letter topic for records that cannot be classified"
     )
     group_id: str = Field("streamer", description="Kafka consumer group id")
+    # Static membership (KIP-345): a member with an instance id sends no LeaveGroup
+    # when it stops, so a restart within session_timeout_ms keeps its partitions and
+    # the rest of the group does not rebalance.
+    group_instance_id: str | None = Field(
+        None,
+        description="static group membership id, unique per instance; auto: the host name"
+        " (the pod name in Kubernetes); unset: dynamic membership",
+    )
+    session_timeout_ms: int = Field(
+        10_000,
+        ge=1000,
+        description="milliseconds without a heartbeat before the group drops a member; with"
+        " static membership, how long a restart may take without a rebalance",
+    )
     client_id: str = Field("streamer", description="Kafka client id (shows in broker logs)")
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="where a group without committed offsets starts reading"
@@ -52,6 +93,12 @@ class Settings(BaseSettings):
     sasl_username: str | None = Field(None, description="SASL user name")
     sasl_password: SecretStr | None = Field(
         None, description="SASL password (prefer the environment variable: flags show in ps)"
+    )
+    # Read once, at validation (see sasl_secret); a trailing newline is dropped.
+    sasl_password_file: str | None = Field(
+        None,
+        description="path of a file holding the SASL password (e.g. a mounted Kubernetes"
+        " secret); excludes sasl_password",
     )
     ssl_cafile: str | None = Field(None, description="path of the CA bundle (PEM) for SSL")
     ssl_certfile: str | None = Field(None, description="path of the client certificate (PEM)")
@@ -182,6 +229,18 @@ class Settings(BaseSettings):
             return tuple(str(v).strip().upper() for v in value if str(v).strip())
         return value
 
+    @field_validator("group_instance_id")
+    @classmethod
+    def _resolve_instance_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if value == "auto":
+            value = socket.gethostname()
+        if not value:
+            raise ValueError("must not be empty (unset it for dynamic membership)")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.max_batch_size > self.max_in_flight:
@@ -190,7 +249,18 @@ class Settings(BaseSettings):
             raise ValueError("input, output and dead-letter topics must differ")
         if self.sasl_mechanism and not self.security_protocol.startswith("SASL"):
             raise ValueError("sasl_mechanism needs security_protocol SASL_PLAINTEXT or SASL_SSL")
+        if self.sasl_password_file is not None:
+            if self.sasl_password is not None:
+                raise ValueError("set sasl_password or sasl_password_file, not both")
+            self._password_from_file = read_secret_file(
+                "sasl_password_file", self.sasl_password_file
+            )
         return self
+
+    @property
+    def sasl_secret(self) -> SecretStr | None:
+        """The SASL password: ``sasl_password``, or the content of ``sasl_password_file``."""
+        return self.sasl_password if self.sasl_password is not None else self._password_from_file
 
     def transactional_id(self, topic: str, partition: int) -> str:
         """One transactional id per input partition: a new owner fences the old one."""

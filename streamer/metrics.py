@@ -167,6 +167,12 @@ class Metrics:
             ["topic", "partition"],
             registry=r,
         )
+        self.rebalances = Counter(
+            "streamer_rebalances_total",
+            "Group rebalances that assigned partitions to this instance (its first join"
+            " included); a static member's restart adds none on the other instances.",
+            registry=r,
+        )
         self.committed_offset = Gauge(
             "streamer_committed_offset",
             "Last committed offset per partition.",

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # after use(): the backend must be chosen first
 
+from streamer.bench.scale_report import scale_table
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -106,6 +108,8 @@ def summary_table(results: dict[str, Any]) -> str:
         )
     lines = ["| measure | result |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if "scale" in results:
+        lines += ["", *scale_table(results["scale"])]
     lines += ["", "| target | value | met |", "|---|---|---|"]
     for name, t in results["targets"].items():
         met = "yes" if t["met"] else "no"

@@ -30,10 +30,12 @@ from streamer.bench.e2e import run_naive, run_service_throughput
 from streamer.bench.engine import run_engine
 from streamer.bench.kafka_io import make_topics, preload
 from streamer.bench.latency import run_latency
+from streamer.bench.scale import run_scale
 from streamer.bench.service import MemorySampler, ServiceProcess
 from streamer.bench.soak import run_soak
 from streamer.bench.targets import verdicts
 from streamer.bench.workload import (
+    SCALE_STAGE,
     BenchConfig,
     free_port,
     inference_threads,
@@ -113,6 +115,8 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         results["engine"]["load_average_after"] = os.getloadavg()
     if stages & {"naive", "e2e"}:
         await _kafka_stages(config, settings, corpus, stages, results, results_dir)
+    if SCALE_STAGE in stages:
+        results["scale"] = await run_scale(config, corpus, settings.group_id, results_dir)
     if "ceiling" in stages and config.ceiling_again_at_end:
         log.info("bench (a) ceiling again, at the end of the run")
         again = sweep_ceiling()

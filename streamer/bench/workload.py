@@ -14,6 +14,8 @@ from streamer.config import Settings
 
 CORPUS_SIZES = ((500, 375), (224, 224))
 STAGES = ("ceiling", "engine", "naive", "e2e", "latency", "soak")
+# Not in the default run (minutes, and meant for the 3-broker cluster): --stages scale.
+SCALE_STAGE = "scale"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,12 @@ class BenchConfig:
     soak_fraction: float = 0.5
     skip_soak: bool = False
     stages: tuple[str, ...] = STAGES  # latency and soak need e2e (its peak sets their rate)
+    # The multi-instance stage (streamer.bench.scale): one group, n instances each.
+    scale_instances: tuple[int, ...] = (1, 2, 3)
+    scale_partitions: int = 6
+    scale_records: int = 900  # the backlog each step drains
+    scale_max_in_flight: int = 32
+    scale_inference_threads: int = 1  # one core's worth per instance (see docs/SCALING.md)
 
     @classmethod
     def full(cls, **overrides: Any) -> BenchConfig:
@@ -85,6 +93,7 @@ class BenchConfig:
             "latency_warmup_s": 2.0,
             "soak_s": 30.0,
             "soak_samples_s": (10.0, 30.0),
+            "scale_records": 96,
         }
         values.update(overrides)
         return cls(**values)

@@ -23,7 +23,6 @@ def connection_options(settings: Settings) -> dict[str, Any]:
     if settings.sasl_mechanism:
         options["sasl_mechanism"] = settings.sasl_mechanism
         options["sasl_plain_username"] = settings.sasl_username
-        options["sasl_plain_password"] = (
-            settings.sasl_password.get_secret_value() if settings.sasl_password else None
-        )
+        secret = settings.sasl_secret  # sasl_password, or read from sasl_password_file
+        options["sasl_plain_password"] = secret.get_secret_value() if secret else None
     return options

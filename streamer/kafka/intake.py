@@ -16,6 +16,12 @@ at-least-once hold, for every record:
 In exactly-once mode steps 3-5 are one Kafka transaction instead
 (``streamer.kafka.transactions``). Assignment, revocation and fencing are
 ``streamer.kafka.partitions``'s alone; this class owns the consumer.
+
+With ``group_instance_id`` set the consumer is a static member: stopping it sends
+no LeaveGroup, so the other members keep their partitions while it restarts, and
+its own stay unread until it is back (at most ``session_timeout_ms``; after that the
+group rebalances without it). The ordering above is unchanged: the last commits
+happen before the consumer stops, whether or not it leaves the group.
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ class Intake:
         wire.install()  # no bytes in a record can make getmany() fail
         self._consumer = AIOKafkaConsumer(
             group_id=s.group_id,
+            # Static membership: aiokafka sends no LeaveGroup on stop() when this is set
+            # (GroupCoordinator._maybe_leave_group), so the broker keeps our partitions
+            # for session_timeout_ms and a quick restart gets them back unrebalanced.
+            group_instance_id=s.group_instance_id,
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=min(3000, s.session_timeout_ms // 3),
             enable_auto_commit=False,
             auto_offset_reset=s.auto_offset_reset,
             max_poll_records=min(500, s.max_in_flight),
@@ -69,7 +81,13 @@ class Intake:
         )
         self._consumer.subscribe([s.input_topic], listener=listener)
         await self._consumer.start()
-        log.info("consumer started topic=%s group=%s", s.input_topic, s.group_id)
+        log.info(
+            "consumer started topic=%s group=%s instance=%s session_timeout_ms=%d",
+            s.input_topic,
+            s.group_id,
+            s.group_instance_id or "-",
+            s.session_timeout_ms,
+        )
 
     async def records(
         self, partitions: Partitions
@@ -138,7 +156,11 @@ class Intake:
             self.pause()
 
     async def stop(self) -> None:
-        """Leave the group and close; safe to call twice."""
+        """Leave the group and close; safe to call twice.
+
+        A static member (``group_instance_id``) does not leave: the group keeps its
+        partitions unassigned until it rejoins or ``session_timeout_ms`` passes.
+        """
         self._stopping = True
         consumer, self._consumer = self._consumer, None
         if consumer is not None:

@@ -162,6 +162,7 @@ class Partitions:
     # ------------------------------------------------------------ the orders
 
     async def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        self._metrics.rebalances.inc()  # aiokafka calls this once per completed rebalance
         await asyncio.gather(*(self._take(tp) for tp in partitions))
 
     async def revoke(self, partitions: Iterable[TopicPartition]) -> None:

@@ -1,9 +1,9 @@
 """Every dashboard query and alert rule returns data from a real Prometheus scraping the service.
 
 A real Prometheus (Debian's ``prometheus``) runs with the repository's scrape
-config and alert rules, only re-pointed at the in-process service and at 1 s
-intervals. Once records have flowed (predictions and dead letters) and every
-series has been scraped a few times, each PromQL expression of the Grafana
+config and alert rules, only re-pointed at the in-process service and lag exporter
+(``streamer lag``) and at 1 s intervals. Once records have flowed (predictions and
+dead letters) and every series has been scraped a few times, each PromQL expression of the Grafana
 dashboard and of the alert rules (without its threshold) must parse and return
 at least one series: a renamed metric, a wrong label or a typo shows up as an
 empty panel or a rule that can never fire, which nothing else would notice.
@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from streamer import corpus
+from streamer.tools.lag import LagExporter
 from tests.httpclient import request
 from tests.integration.helpers import produce, running_service, service_settings, wait_for
 
@@ -128,8 +129,9 @@ def substitute(text: str, pattern: str, replacement: str) -> str:
     return new
 
 
-def scrape_config(service_port: int, prometheus_port: int) -> str:
-    """deploy/prometheus/prometheus.yml, re-pointed at this test's service, at 1 s intervals."""
+def scrape_config(service_port: int, prometheus_port: int, lag_port: int) -> str:
+    """deploy/prometheus/prometheus.yml, re-pointed at this test's service and lag exporter,
+    at 1 s intervals."""
     text = PROMETHEUS_CONFIG.read_text()
     assert re.search(r"job_name:\s*streamer\s*$", text, re.MULTILINE), (
         "the alerts need job=streamer"
@@ -137,6 +139,7 @@ def scrape_config(service_port: int, prometheus_port: int) -> str:
     text = substitute(text, r"(scrape_interval|evaluation_interval):\s*\S+", r"\1: 1s")
     text = substitute(text, r"^(\s*-\s*)alerts\.yml\s*$", rf"\g<1>{ALERT_RULES}")
     text = substitute(text, r'"streamer:9108"', f'"127.0.0.1:{service_port}"')
+    text = substitute(text, r'"streamer-lag:9109"', f'"127.0.0.1:{lag_port}"')
     return substitute(text, r'"localhost:9090"', f'"127.0.0.1:{prometheus_port}"')
 
 
@@ -167,11 +170,14 @@ class Prometheus:
 
 
 @contextlib.asynccontextmanager
-async def running_prometheus(service_port: int, workdir: Path) -> AsyncIterator[Prometheus]:
-    """Prometheus scraping ``service_port``, ready to answer; terminated and reaped at exit."""
+async def running_prometheus(
+    service_port: int, lag_port: int, workdir: Path
+) -> AsyncIterator[Prometheus]:
+    """Prometheus scraping the service and the lag exporter, ready to answer; terminated and
+    reaped at exit."""
     port = free_port()
     config = workdir / "prometheus.yml"
-    config.write_text(scrape_config(service_port, port))
+    config.write_text(scrape_config(service_port, port, lag_port))
     log_path = workdir / "prometheus.log"
     with log_path.open("wb") as log:  # the child keeps its own copy
         process = await asyncio.create_subprocess_exec(
@@ -221,13 +227,20 @@ async def loaded_service(
         (b"bad-text", b"hello, I am not an image", []),
         (b"bad-empty", b"", []),
     ]
+    lag_exporter = LagExporter(
+        kafka_options, settings.group_id, [settings.input_topic], interval_s=1.0, port=0
+    )
     async with (
         running_service(settings) as service,
-        running_prometheus(service.metrics_port or 0, tmp_path) as prometheus,
+        lag_exporter,
+        running_prometheus(service.metrics_port or 0, lag_exporter.port, tmp_path) as prometheus,
     ):
-        await wait_for(
-            lambda: prometheus.scalar('up{job="streamer"} == 1'), 60, "a successful scrape"
-        )
+        for job in ("streamer", "streamer-lag"):
+            await wait_for(
+                lambda job=job: prometheus.scalar(f'up{{job="{job}"}} == 1'),
+                60,
+                f"a successful scrape of {job}",
+            )
 
         async def predicted() -> float:
             return await prometheus.scalar("sum(streamer_records_predicted_total)") or 0.0
@@ -245,7 +258,9 @@ async def loaded_service(
 
         # Enough scrapes of every series (the newest included) for 1m rates and deriv().
         async def scraped_enough() -> bool:
-            series = await prometheus.query('{job="streamer", __name__=~"streamer_.+"}[1m]')
+            series = await prometheus.query(
+                '{job=~"streamer|streamer-lag", __name__=~"streamer_.+"}[1m]'
+            )
             return bool(series) and min(len(s["values"]) for s in series) >= 3
 
         await wait_for(scraped_enough, 60, "three scrapes of every series")
