@@ -14,6 +14,10 @@ uses reStructuredText markup in a string that reaches ``--help``.
 
 Invalid settings end ``run`` with exit status 2 and one line per error naming the
 field and the reason, never the value given (it may be a password).
+
+Secrets never come from the command line, which every user sees in ``ps``:
+``--sasl-password`` is hidden from the help and refused. The password comes from
+``STREAMER_SASL_PASSWORD`` or from a file (``--sasl-password-file``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pydantic_settings import CliSettingsSource, SettingsError
 from streamer import logs
 from streamer.config import Settings
 from streamer.errors import StreamerError
+from streamer.workers.process import start_resource_tracker
 
 log = logging.getLogger("streamer")
 
@@ -44,6 +49,13 @@ RUN_DESCRIPTION = (
 )
 EPILOG = "Run 'streamer COMMAND --help' for the options of a command."
 METAVARS = {"SecretStr": "str", "tuple[str,...]": "str,..."}
+# Settings that are secrets: their flags would show in ps, so they are refused.
+SECRET_FLAGS = {"sasl_password": "--sasl-password"}
+SECRET_FLAG_REFUSED = (
+    "{flag} is refused: the command line shows in ps; set STREAMER_SASL_PASSWORD,"
+    " or put the password in a file and pass --sasl-password-file"
+    " (or STREAMER_SASL_PASSWORD_FILE)"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         # pydantic-settings names the type; these two read better as what to type.
         if isinstance(action.metavar, str):
             action.metavar = METAVARS.get(action.metavar, action.metavar)
+        if action.dest in SECRET_FLAGS:
+            action.help = argparse.SUPPRESS  # accepted only to be refused by name
     run.set_defaults(func=_run)
 
     from streamer.tools import (  # light: no torch import
@@ -106,9 +120,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from parsed ``run`` flags, then ``STREAMER_*`` variables, then defaults.
 
     Flags not given are absent from ``args`` (their argparse default is SUPPRESS),
-    so they fall through to the environment.
+    so they fall through to the environment. A secret given as a flag is refused
+    with a ``SettingsError`` that names the flag, not the value.
     """
     given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
+    for name, flag in SECRET_FLAGS.items():
+        if name in given:
+            raise SettingsError(SECRET_FLAG_REFUSED.format(flag=flag))
     source = settings_source()(parsed_args=given)
     # mypy sees only the fields in the model's __init__, not BaseSettings' own arguments.
     return Settings(_cli_settings_source=source)  # type: ignore[call-arg]
@@ -150,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
 async def _serve(settings: Settings) -> int:
     from streamer.app import Service  # imports torch; only `run` needs it
 
+    # Before the first shared-memory segment would start it with the credentials.
+    start_resource_tracker()
     service = Service(settings)
     loop = asyncio.get_running_loop()
     signals = {"count": 0}

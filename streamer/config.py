@@ -92,7 +92,9 @@ class Settings(BaseSettings):
     )
     sasl_username: str | None = Field(None, description="SASL user name")
     sasl_password: SecretStr | None = Field(
-        None, description="SASL password (prefer the environment variable: flags show in ps)"
+        None,
+        description="SASL password, from STREAMER_SASL_PASSWORD only (the flag is refused: "
+        "command lines show in ps)",
     )
     # Read once, at validation (see sasl_secret); a trailing newline is dropped.
     sasl_password_file: str | None = Field(

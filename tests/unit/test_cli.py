@@ -105,9 +105,10 @@ def test_none_on_the_command_line_clears_an_optional_setting(
 
 
 def test_an_invalid_combination_names_the_fields_and_hides_the_secret(
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["run", "--sasl-password", "hunter2", "--sasl-mechanism", "PLAIN"]
+    monkeypatch.setenv("STREAMER_SASL_PASSWORD", "hunter2")  # the flag is refused (ps)
+    argv = ["run", "--sasl-mechanism", "PLAIN"]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "hunter2" not in err

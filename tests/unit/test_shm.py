@@ -6,11 +6,23 @@ import sys
 import numpy as np
 import pytest
 
-from streamer.workers.shm import SHM_DIR, SlotPool, SlotPoolExhausted, SlotView, sweep_orphans
+from streamer.workers.shm import (
+    OWNER_SUFFIX,
+    SHM_DIR,
+    SlotPool,
+    SlotPoolExhausted,
+    SlotView,
+    sweep_orphans,
+)
+
+
+def files(prefix: str) -> list[str]:
+    """Everything the instance ``prefix`` has in /dev/shm: segments and owner file."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
 
 
 def segments(prefix: str) -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
+    return [name for name in files(prefix) if not name.endswith(OWNER_SUFFIX)]
 
 
 def test_slots_are_exhausted_then_reused() -> None:
@@ -43,10 +55,11 @@ def test_close_unlinks_every_segment_and_is_idempotent() -> None:
     pool = SlotPool(slots=2, payload_bytes=1024)
     pool.open()
     assert len(segments(pool.prefix)) == 2
+    assert f"{pool.prefix}{OWNER_SUFFIX}" in files(pool.prefix)
     assert pool.layout.total_bytes == 2 * (1024 + 3 * 224 * 224)
     pool.close()
     pool.close()
-    assert segments(pool.prefix) == []
+    assert files(pool.prefix) == []
 
 
 def test_segments_of_a_dead_instance_are_swept() -> None:
@@ -69,7 +82,7 @@ def test_segments_of_a_dead_instance_are_swept() -> None:
     assert len(segments(prefix)) == 2
     removed = sweep_orphans()
     assert {f"{prefix}-payload", f"{prefix}-pixels"} <= set(removed)
-    assert segments(prefix) == []
+    assert files(prefix) == []
 
 
 def test_sweep_leaves_live_instances_alone() -> None:
