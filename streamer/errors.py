@@ -139,7 +139,11 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
     "unsupported-format": (("decode",), "an image format outside `allowed_formats`"),
     "truncated": (("decode",), "the image data ends early"),
     "corrupt": (("decode",), "the image has the right signature but cannot be decoded"),
-    "too-many-pixels": (("decode",), "width x height above `max_image_pixels`"),
+    "too-many-pixels": (
+        ("decode",),
+        "width x height above `max_image_pixels`, or decoding it would need more than"
+        " the 256 MiB decode-memory budget (e.g. a large RGBA PNG or WebP)",
+    ),
     "extreme-aspect-ratio": (("decode",), "one side far longer than the other"),
     "invalid-dimensions": (("decode",), "a zero or negative width or height"),
     "payload-too-large": (

@@ -19,12 +19,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms import functional as TF
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import DecodeLimits, decode, decode_into
+from streamer.workers.decode import (
+    DecodeLimits,
+    decode,
+    decode_into,
+    draft_for_resize,
+    resized_size,
+    scale_to_8bit,
+)
 from tests.hostile import grey_png, zeros_zlib_stream
 
 OUT_SHAPE = (3, 224, 224)
@@ -242,6 +249,124 @@ def test_la_transparent_pixels_become_black() -> None:
     assert colour_at(pixels, *RIGHT) == (200, 200, 200)
 
 
+# --- 2b. same pixels as the whole-image pipeline ----------------------------------
+# Conversions now run in strips, the palette is composited instead of the image and
+# greyscale is resized before it is widened to RGB; none of that may change a pixel.
+
+
+def whole_image_pipeline(payload: bytes) -> np.ndarray:
+    """The decode as it was before the memory budget: every step on the full image."""
+    image = Image.open(io.BytesIO(payload))
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.uint32 if mode == "I" else np.uint16)
+        peak = 65535 if mode.startswith("I;16") else max(int(array.max()), 1)
+        scaled = (array.astype(np.float64) * (255.0 / peak)).round().astype(np.uint8)
+        image = Image.fromarray(scaled, mode="L")
+    elif mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    image = image.convert("RGB")
+    image = image.resize(resized_size(*image.size), Image.Resampling.BILINEAR)
+    top, left = round((image.height - 224) / 2.0), round((image.width - 224) / 2.0)
+    cropped = image.crop((left, top, left + 224, top + 224))
+    return np.asarray(cropped, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def with_alpha(image: Image.Image, seed: int) -> Image.Image:
+    alpha = np.random.default_rng(seed).integers(0, 256, (image.height, image.width))
+    image.putalpha(Image.fromarray(alpha.astype(np.uint8), "L"))
+    return image
+
+
+def mode_payloads() -> dict[str, bytes]:
+    # 600x1000: a 4-byte image this wide is converted in three strips.
+    image = noise(600, 1000, seed=11)
+    grey16 = np.asarray(image.convert("L"), dtype=np.uint16) * 257 + 90
+    return {
+        "rgba": encode(with_alpha(image.copy(), 1), "PNG"),
+        "la": encode(with_alpha(image.convert("L"), 2), "PNG"),
+        "palette-one-transparent": encode(image.quantize(16), "PNG", transparency=3),
+        "palette-alpha-table": encode(
+            image.quantize(16), "PNG", transparency=bytes(range(0, 256, 16))
+        ),
+        "grey-16bit": encode(Image.fromarray(grey16), "PNG"),
+        "bilevel": encode(image.convert("1"), "PNG"),
+        "grey": encode(image.convert("L"), "PNG"),
+        # Under 512 pixels on its shorter side, so decoded at full size (no draft).
+        "cmyk-jpeg": encode(image.crop((0, 0, 500, 1000)).convert("CMYK"), "JPEG", quality=90),
+        "webp-alpha": encode(with_alpha(image.copy(), 3), "WEBP", lossless=True),
+    }
+
+
+MODE_PAYLOADS = mode_payloads()
+
+
+@pytest.mark.parametrize("name", list(MODE_PAYLOADS))
+def test_strip_conversions_match_the_whole_image_pipeline(name: str) -> None:
+    payload = MODE_PAYLOADS[name]
+    assert np.array_equal(decode(payload), whole_image_pipeline(payload))
+
+
+def test_16bit_scaling_in_integers_matches_the_float64_formula() -> None:
+    values = np.arange(65536, dtype=np.uint16)
+    old = (values.astype(np.float64) * (255.0 / 65535)).round().astype(np.uint8)
+
+    assert np.array_equal(scale_to_8bit(values, 65535), old)
+
+
+@pytest.mark.parametrize("peak", [1, 2, 255, 1000, 65535, 2**24 + 3, 2**32 - 1])
+def test_32bit_scaling_in_integers_matches_the_float64_formula(peak: int) -> None:
+    rng = np.random.default_rng(peak % 1000)
+    values = rng.integers(0, peak, 10_000, endpoint=True, dtype=np.uint64).astype(np.uint32)
+    values[:3] = (0, peak, peak // 2)
+    old = (values.astype(np.float64) * (255.0 / peak)).round().astype(np.uint8)
+
+    assert np.array_equal(scale_to_8bit(values, peak), old)
+
+
+# --- 2c. reduced-scale JPEG decoding ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "drafted"),
+    [
+        ((511, 600), (511, 600)),
+        ((512, 700), (256, 350)),
+        ((2000, 1500), (500, 375)),
+        ((8000, 5000), (1000, 625)),
+        ((3000, 520), (1500, 260)),
+    ],
+)
+def test_big_jpegs_decode_at_a_scale_that_keeps_256_pixels(
+    size: tuple[int, int], drafted: tuple[int, int]
+) -> None:
+    image = Image.open(io.BytesIO(encode(Image.new("RGB", size, (9, 9, 9)), "JPEG")))
+
+    draft_for_resize(image)
+
+    assert image.size == drafted
+    assert min(image.size) >= 256
+
+
+def test_reduced_scale_jpeg_stays_close_to_a_full_decode() -> None:
+    # 2000x1500 is decoded at 1/4 scale (500x375) before the resize to 341x256.
+    photo = noise(500, 375, seed=5).resize((2000, 1500), Image.Resampling.BICUBIC)
+    payload = encode(photo, "JPEG", quality=90)
+
+    ours = decode(payload).astype(np.int16)
+    full = whole_image_pipeline(payload).astype(np.int16)
+    difference = np.abs(ours - full)
+    print(f"draft vs full decode: mean |diff| {difference.mean():.3f}, max {difference.max()}")
+
+    assert difference.mean() < 1.5  # measured: 0.70 on this image (max 9)
+
+
 # --- 3. EXIF orientation -----------------------------------------------------------
 
 
@@ -263,6 +388,19 @@ def test_exif_orientation_is_applied() -> None:
         assert_close(colour_at(pixels, y, x), (0, 0, 255), tolerance=12)
     # JPEG chroma subsampling blurs the quadrant edge; elsewhere it must agree.
     assert np.abs(pixels.astype(np.int16) - upright).mean() < 4
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_orientation_after_the_resize_is_within_one_level(orientation: int) -> None:
+    # The transpose moved from the full-size image to the resized one; only the
+    # rounding of the two bilinear passes (now in the other order) may differ.
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    payload = encode(noise(400, 300, seed=orientation), "PNG", exif=exif)
+
+    difference = np.abs(decode(payload).astype(np.int16) - whole_image_pipeline(payload))
+
+    assert difference.max() <= 1
 
 
 # --- 4. animation ------------------------------------------------------------------
