@@ -31,7 +31,7 @@ from streamer.loopmon import LoopLagMonitor
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
 from streamer.pipeline.processor import ProcessorConfig, RecordProcessor
-from streamer.workers.models import imagenet_labels
+from streamer.vision.models import imagenet_labels
 
 log = logging.getLogger(__name__)
 

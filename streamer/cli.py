@@ -35,7 +35,7 @@ from pydantic_settings import CliSettingsSource, SettingsError
 from streamer import logs
 from streamer.config import Settings
 from streamer.errors import StreamerError
-from streamer.workers.process import start_resource_tracker
+from streamer.workers.environment import start_resource_tracker
 
 log = logging.getLogger("streamer")
 

@@ -98,14 +98,31 @@ class OutputRejected(StreamerError):
 
 
 class WorkerCrashed(StreamerError):
-    """A worker process died while it held this work; the work may be retried."""
+    """A worker process died while it held this work; the work may be retried.
+
+    ``hung`` is true for the request whose deadline ran out, so that the watchdog
+    killed the worker (the other requests that worker held get ``hung=False``).
+    """
 
     retriable = True
 
-    def __init__(self, kind: str, exitcode: int | None) -> None:
-        super().__init__(f"{kind} worker died (exit code {exitcode})")
+    def __init__(self, kind: str, exitcode: int | None, *, hung: bool = False) -> None:
+        what = "hung and was killed" if hung else f"died (exit code {exitcode})"
+        super().__init__(f"{kind} worker {what}")
         self.kind = kind
         self.exitcode = exitcode
+        self.hung = hung
+
+
+class WorkerError(StreamerError):
+    """A worker raised an error the service did not expect (a bug, a device in a bad
+    state). Mapped at the process boundary (``workers.codec``); retriable, because
+    another worker, or the same one after it is recycled, may succeed."""
+
+    def __init__(self, kind: str, message: str, *, retriable: bool = True) -> None:
+        super().__init__(f"{kind} worker failed: {message}")
+        self.kind = kind
+        self.retriable = retriable
 
 
 class InferenceFailed(StreamerError):
@@ -114,15 +131,25 @@ class InferenceFailed(StreamerError):
     retriable = True
 
 
+class WorkerHung(RecordError):
+    """The record hung the inference worker twice, alone in its batch the second time."""
+
+    stage = "inference"
+    reason = "worker-hung"
+
+
 class RetriesExhausted(RecordError):
     """A record kept failing with retriable errors; it is dead-lettered.
 
-    The reason says what the last failure was (``worker-crashed`` for a worker that
-    died or hung, else ``inference-failed``) and the stage where it happened.
+    The reason says what the last failure was: ``worker-crashed`` for a worker that
+    died, else ``decode-failed`` or ``inference-failed`` by the stage where it happened.
     """
 
     def __init__(self, cause: StreamerError, *, stage: str, attempts: int) -> None:
-        reason = "worker-crashed" if isinstance(cause, WorkerCrashed) else "inference-failed"
+        if isinstance(cause, WorkerCrashed):
+            reason = "worker-crashed"
+        else:
+            reason = "decode-failed" if stage == "decode" else "inference-failed"
         super().__init__(f"gave up after {attempts} attempts: {cause}", reason=reason, stage=stage)
         self.attempts = attempts
 
@@ -165,14 +192,22 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
         "or carries no image in `data_base64`",
     ),
     "output-too-large": (("publish",), "the prediction is larger than the output topic accepts"),
-    "decode-failed": (("decode",), "the decoder failed in an unexpected way"),
+    "decode-failed": (
+        ("decode",),
+        "the decoder failed in an unexpected way, or the decode worker raised an unexpected"
+        " error on every attempt",
+    ),
     "worker-crashed": (
         ("decode", "inference"),
-        "a worker died or hung on the record on every one of `max_record_attempts` attempts",
+        "a worker died on the record on every one of `max_record_attempts` attempts",
+    ),
+    "worker-hung": (
+        ("inference",),
+        "the record hung the inference worker twice; the second time it was alone in its batch",
     ),
     "inference-failed": (
         ("inference",),
-        "the inference worker raised on the record's batch on every attempt",
+        "the inference worker raised an error on the record's batch on every attempt",
     ),
 }
 DEAD_LETTER_REASONS = tuple(REASON_INFO)

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from streamer.workers.inference_worker import Classifier, InferenceConfig
-from streamer.workers.models import WeightsSpec
+from streamer.vision.classifier import Classifier, InferenceConfig
+from streamer.vision.models import WeightsSpec
 
 log = logging.getLogger(__name__)
 

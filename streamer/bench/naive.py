@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from PIL import Image
 from torchvision import transforms
 
-from streamer.workers.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
+from streamer.vision.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
 
 TRANSFORM = transforms.Compose(
     [

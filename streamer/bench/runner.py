@@ -44,7 +44,7 @@ from streamer.bench.workload import (
     service_settings,
 )
 from streamer.config import Settings
-from streamer.workers.devices import cuda_device_count, resolve_devices
+from streamer.vision.devices import cuda_device_count, resolve_devices
 
 log = logging.getLogger(__name__)
 

@@ -38,16 +38,16 @@ from streamer.errors import (
 from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.schemas import ModelInfo
-from streamer.workers import decode_worker, inference_worker
-from streamer.workers.decode import DecodeLimits
-from streamer.workers.devices import (
+from streamer.vision.classifier import BatchEntry, BatchResult, InferenceConfig
+from streamer.vision.decode import DecodeLimits
+from streamer.vision.devices import (
     check_precision,
     cuda_device_count,
     jpeg_on_device,
     resolve_devices,
 )
-from streamer.workers.inference_worker import BatchEntry, BatchResult, InferenceConfig
-from streamer.workers.models import MODEL_NAME, WeightsSpec
+from streamer.vision.models import MODEL_NAME, WeightsSpec
+from streamer.workers import decode_worker, inference_worker
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool, sweep_orphans
 

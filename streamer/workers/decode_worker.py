@@ -13,8 +13,8 @@ import time
 from multiprocessing.connection import Connection
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import DecodeLimits, decode_opened, open_image, probe
-from streamer.workers.process import serve
+from streamer.vision.decode import DecodeLimits, decode_opened, open_image, probe
+from streamer.workers.child import serve
 from streamer.workers.shm import SlotLayout, SlotView
 
 

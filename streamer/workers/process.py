@@ -1,13 +1,11 @@
-"""One worker process and the asyncio side of talking to it.
+"""One worker process, seen from the main process: start, call, stop, notice its death.
 
-Requests and replies travel over two one-way pipes as small pickled tuples
-(slot indices, lengths, timings; never pixels). The worker uses ordinary blocking
-``Connection.recv``/``send``. The main process never blocks: replies are read by
-an asyncio ``StreamReader`` on the pipe's file descriptor, and requests are
-written through an asyncio write transport that buffers instead of blocking.
-
-Both sides speak ``multiprocessing.connection``'s framing: a 4-byte big-endian
-signed length (``-1`` then an 8-byte length for huge frames), then the payload.
+Requests and replies travel over two one-way pipes in ``workers.codec``'s frames
+(slot indices, lengths, timings; never pixels). The worker side is
+``workers.child``. The main process never blocks: replies are read by an asyncio
+``StreamReader`` on the pipe's file descriptor, and requests are written through
+an asyncio write transport that buffers instead of blocking. An error reply is
+rebuilt by ``codec.from_wire``, so the caller only ever sees a ``StreamerError``.
 
 If the process dies, every request it held fails with ``WorkerCrashed`` and the
 ``on_exit`` callback tells the owner, which decides what to do (respawn, retry).
@@ -21,26 +19,22 @@ from there it is an ordinary death.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import itertools
 import logging
 import multiprocessing as mp
 import os
-import pickle
-import struct
-import traceback
-from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection
+from collections.abc import Callable
 from typing import Any
 
 from streamer.errors import StreamerError, WorkerCrashed
+from streamer.workers import codec
+from streamer.workers.child import child_main
+from streamer.workers.environment import environment_without_credentials
 
 log = logging.getLogger(__name__)
 
 _SPAWN = mp.get_context("spawn")
-_HEADER = struct.Struct("!i")
-_LONG_HEADER = struct.Struct("!Q")
 
 
 class WorkerState(enum.Enum):
@@ -52,117 +46,6 @@ class WorkerState(enum.Enum):
 
 class WorkerStartError(StreamerError):
     """The worker process failed before it reported ready."""
-
-
-PING = "ping"  # a request body that ``serve`` answers itself: the worker is alive
-
-
-# ---------------------------------------------------------------- environment
-
-# Settings that are credentials, or lead to one; workers read none of them (their
-# only STREAMER_* variable is the log format, see logs).
-CREDENTIAL_VARIABLES = frozenset(
-    {
-        "STREAMER_SASL_PASSWORD",
-        "STREAMER_SASL_PASSWORD_FILE",
-        "STREAMER_SASL_USERNAME",
-        "STREAMER_SSL_KEYFILE",
-    }
-)
-# Any other STREAMER_* variable whose name says it holds a secret, present or future.
-_CREDENTIAL_MARKERS = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL")
-
-
-def is_credential_variable(name: str) -> bool:
-    """Whether the environment variable ``name`` holds a credential of the service."""
-    upper = name.upper()  # pydantic-settings matches STREAMER_* names in any case
-    if not upper.startswith("STREAMER_"):
-        return False
-    return upper in CREDENTIAL_VARIABLES or any(marker in upper for marker in _CREDENTIAL_MARKERS)
-
-
-@contextlib.contextmanager
-def environment_without_credentials() -> Iterator[None]:
-    """``os.environ`` without the credential variables inside the block, restored after it.
-
-    A spawned process gets a copy of ``os.environ`` as it is when the process is
-    started, and multiprocessing takes no environment argument; so the variables
-    are taken out around the (synchronous) start only. Nothing reads them after
-    the settings are built, so no other thread misses them in that window.
-    """
-    names = [name for name in os.environ if is_credential_variable(name)]
-    removed = {name: os.environ.pop(name) for name in names}
-    try:
-        yield
-    finally:
-        os.environ.update(removed)
-
-
-def start_resource_tracker() -> None:
-    """Start multiprocessing's resource tracker now, with no credentials in its environment.
-
-    Otherwise the first shared-memory segment starts it, with a copy of the full
-    environment, and it lives as long as the service.
-    """
-    from multiprocessing import resource_tracker
-
-    with environment_without_credentials():
-        resource_tracker.ensure_running()
-
-
-# ---------------------------------------------------------------- worker side
-
-
-WORKER_NICENESS = 5
-
-
-def _child_main(target: Callable[..., None], log_level: int, *args: Any) -> None:
-    """Entry point of every worker: lower priority, the owner's log level, then its main.
-
-    Workers run at a lower CPU priority than the main process, so the event loop
-    (Kafka I/O, acks, commits, metrics) is scheduled promptly even when decode and
-    inference keep every core busy.
-    """
-    from streamer import logs
-
-    os.nice(WORKER_NICENESS)
-    logs.configure(log_level)
-    target(*args)
-
-
-def serve(
-    requests: Connection, replies: Connection, handle: Callable[[Any], Any], ready_info: Any = None
-) -> None:
-    """Worker main loop: reply ``(id, True, result)`` or ``(id, False, error)`` per request.
-
-    ``handle`` gets the request body. A ``StreamerError`` it raises is sent back
-    as the error (the owner decides what it means); any other exception is sent
-    back as an ``InferenceFailed``-style description, so one bad request never
-    kills the worker. ``None`` or a closed pipe ends the loop.
-    """
-    replies.send(("ready", True, ready_info))
-    while True:
-        try:
-            message = requests.recv()
-        except EOFError:  # the owner is gone: exit quietly
-            return
-        if message is None:
-            return
-        request_id, body = message
-        if body == PING:
-            replies.send((request_id, True, PING))
-            continue
-        try:
-            reply = (request_id, True, handle(body))
-        except StreamerError as exc:
-            reply = (request_id, False, exc)
-        except Exception as exc:
-            reply = (
-                request_id,
-                False,
-                RuntimeError(f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"),
-            )
-        replies.send(reply)
 
 
 # ---------------------------------------------------------------- owner side
@@ -220,7 +103,7 @@ class WorkerProcess:
         rep_read, rep_write = _SPAWN.Pipe(duplex=False)
         self.state = WorkerState.STARTING
         self._process = _SPAWN.Process(
-            target=_child_main,
+            target=child_main,
             args=(
                 self._target,
                 logging.getLogger().getEffectiveLevel(),
@@ -316,23 +199,19 @@ class WorkerProcess:
                         self._process.kill()  # the reader sees the pipe close and reaps
                     return
             elif now - self._last_reply > timeout / 2:
-                self.call(PING).add_done_callback(_ignore_outcome)
+                self.call(codec.PING).add_done_callback(_ignore_outcome)
 
     def _send(self, message: Any) -> None:
         assert self._writer is not None
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.write(_HEADER.pack(len(data)) + data)
+        self._writer.write(codec.pack(message))
 
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                if size == -1:
-                    (size,) = _LONG_HEADER.unpack(await reader.readexactly(_LONG_HEADER.size))
-                request_id, ok, value = pickle.loads(await reader.readexactly(size))
+                request_id, ok, value = await codec.read_reply(reader)
                 self._last_reply = asyncio.get_running_loop().time()
                 self._sent_at.pop(request_id, None)
-                if request_id == "ready":
+                if request_id == codec.READY:
                     if self._ready and not self._ready.done():
                         self._ready.set_result(value)
                     continue
@@ -341,10 +220,16 @@ class WorkerProcess:
                     continue
                 if ok:
                     future.set_result(value)
+                elif isinstance(value, codec.WireError):
+                    future.set_exception(codec.from_wire(value, self.kind))
                 else:
-                    future.set_exception(value)
+                    raise codec.ProtocolError(f"error reply of type {type(value).__name__}")
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the pipe closed: the process exited
+        except codec.ProtocolError as exc:
+            log.error("worker broke the protocol, killing worker=%s error=%s", self.name, exc)
+            if self._process is not None:
+                self._process.kill()
         finally:
             await self._reap()
 

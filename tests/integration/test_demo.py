@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from streamer.workers.models import imagenet_labels
+from streamer.vision.models import imagenet_labels
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -102,7 +102,7 @@ def free_port() -> int:
 
 
 def imagenet_unavailable_in(env: dict[str, str]) -> str | None:
-    script = "from streamer.workers.models import imagenet_unavailable as u; print(u() or '')"
+    script = "from streamer.vision.models import imagenet_unavailable as u; print(u() or '')"
     result = subprocess.run(
         [sys.executable, "-c", script],
         env={**os.environ, **env},

@@ -14,7 +14,7 @@ from streamer import capacity
 from streamer.kafka.records import OutputEvent
 from streamer.schemas import Label, ModelInfo, Prediction, Source
 from streamer.tools import capacity as tool
-from streamer.workers.models import imagenet_labels
+from streamer.vision.models import imagenet_labels
 
 pytestmark = pytest.mark.timeout(30)
 

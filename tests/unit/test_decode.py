@@ -1,4 +1,4 @@
-"""Tests for ``streamer.workers.decode``: torchvision parity, modes and hostile input.
+"""Tests for ``streamer.vision.decode``: torchvision parity, modes and hostile input.
 
 Every payload is built in memory with Pillow, numpy or by hand (the PNG headers).
 """
@@ -24,14 +24,8 @@ from torchvision.models import ResNet18_Weights
 from torchvision.transforms import functional as TF
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import (
-    DecodeLimits,
-    decode,
-    decode_into,
-    draft_for_resize,
-    resized_size,
-    scale_to_8bit,
-)
+from streamer.vision.convert import draft_for_resize, resized_size, scale_to_8bit
+from streamer.vision.decode import DecodeLimits, decode, decode_into
 from tests.hostile import grey_png, zeros_zlib_stream
 
 OUT_SHAPE = (3, 224, 224)

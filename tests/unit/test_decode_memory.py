@@ -24,12 +24,13 @@ import pytest
 from PIL import Image
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import MAX_DECODE_BYTES, decode
+from streamer.vision.convert import MAX_DECODE_BYTES
+from streamer.vision.decode import decode
 from tests.hostile import png_chunk, zeros_zlib_stream
 
 REPO = Path(__file__).resolve().parents[2]
 MODULE = Path(
-    os.environ.get("STREAMER_DECODE_UNDER_TEST", REPO / "streamer" / "workers" / "decode.py")
+    os.environ.get("STREAMER_DECODE_UNDER_TEST", REPO / "streamer" / "vision" / "decode.py")
 )
 MB = 1024 * 1024
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 from streamer import corpus
 from streamer.errors import ConfigError, DecodeError
-from streamer.workers.decode import decode
-from streamer.workers.device_decode import EXIF_ORIENTATION, EncodedJpeg, JpegBatchDecoder, probe
-from streamer.workers.devices import jpeg_on_device
+from streamer.vision.decode import decode
+from streamer.vision.device_decode import EXIF_ORIENTATION, EncodedJpeg, JpegBatchDecoder, probe
+from streamer.vision.devices import jpeg_on_device
 
 pytestmark = pytest.mark.timeout(60)
 

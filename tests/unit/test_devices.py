@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.workers.devices import check_precision, resolve_devices
+from streamer.vision.devices import check_precision, resolve_devices
 
 
 @pytest.mark.parametrize(

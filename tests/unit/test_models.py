@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from streamer.workers import models
+from streamer.vision import models
 
 pytestmark = pytest.mark.timeout(30)
 

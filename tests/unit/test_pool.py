@@ -13,8 +13,8 @@ from PIL import Image
 
 from streamer.errors import DecodeError, WorkerCrashed
 from streamer.metrics import Metrics
+from streamer.vision.decode import DecodeLimits
 from streamer.workers import decode_worker
-from streamer.workers.decode import DecodeLimits
 from streamer.workers.pool import WorkerPool
 from streamer.workers.process import WorkerState
 from streamer.workers.shm import SlotPool

@@ -11,13 +11,10 @@ import pytest
 
 from streamer import cli, logs
 from streamer.config import Settings
+from streamer.vision.decode import DecodeLimits
 from streamer.workers import decode_worker
-from streamer.workers.decode import DecodeLimits
-from streamer.workers.process import (
-    WorkerProcess,
-    environment_without_credentials,
-    is_credential_variable,
-)
+from streamer.workers.environment import environment_without_credentials, is_credential_variable
+from streamer.workers.process import WorkerProcess
 from streamer.workers.shm import SlotPool
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,7 +100,7 @@ def test_the_resource_tracker_starts_without_credentials(credentials: dict[str, 
     program = (
         "import os, time\n"
         "from multiprocessing import resource_tracker\n"
-        "from streamer.workers.process import start_resource_tracker\n"
+        "from streamer.workers.environment import start_resource_tracker\n"
         "start_resource_tracker()\n"
         "pid = resource_tracker._resource_tracker._pid\n"
         "deadline = time.monotonic() + 30\n"  # until the tracker has exec'd

@@ -24,7 +24,7 @@ import asyncio, io, subprocess, sys
 from PIL import Image
 from streamer.metrics import Metrics
 from streamer.workers import decode_worker
-from streamer.workers.decode import DecodeLimits
+from streamer.vision.decode import DecodeLimits
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool
 

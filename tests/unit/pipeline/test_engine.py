@@ -10,7 +10,7 @@ from streamer.config import Settings
 from streamer.errors import DecodeError, InferenceFailed, RetriesExhausted, WorkerCrashed
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine, _BatchItem
-from streamer.workers.inference_worker import BatchResult
+from streamer.vision.classifier import BatchResult
 
 POISON = 13
 

@@ -29,7 +29,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from streamer.errors import DecodeError
-from streamer.workers.decode import CROP, EXIF_ORIENTATION, probe, resized_size
+from streamer.vision.decode import CROP, EXIF_ORIENTATION, probe, resized_size
 
 __all__ = ["EXIF_ORIENTATION", "EncodedJpeg", "JpegBatchDecoder", "orient", "probe"]
 

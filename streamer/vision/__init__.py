@@ -1,0 +1,1 @@
+"""Image and model code: decoding, preprocessing, the classifier. No processes, no Kafka."""

@@ -1,0 +1,109 @@
+"""ResNet18 and the normalisation torchvision's transform applies, on one device.
+
+``Classifier.classify`` takes a uint8 N x 3 x 224 x 224 batch on the CPU (pinned
+memory and a non-blocking copy on CUDA, so only uint8 crosses PCIe), converts and
+normalises on the device, runs the model under ``inference_mode`` in channels_last
+layout, and returns top-k indices and scores per row. fp32 is the default;
+bf16/fp16 are opt-in. No processes here: the inference worker wraps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from streamer.errors import DecodeError
+from streamer.vision.decode import DecodeLimits
+from streamer.vision.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    weights: WeightsSpec
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    precision: str = "fp32"
+    top_k: int = 5
+    threads: int | None = None  # CPU intra-op threads
+    warmup_batch: int = 8
+    limits: DecodeLimits = dataclasses.field(default_factory=DecodeLimits)  # CPU fallback
+
+
+class BatchEntry(NamedTuple):
+    slot: int
+    encoded_bytes: int = 0  # > 0: the slot holds a JPEG to decode here, not pixels
+    orientation: int = 1  # EXIF orientation of that JPEG
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    indices: list[list[int]]
+    scores: list[list[float]]
+    forward_s: float
+    device: str = "cpu"
+    # CUDA only: memory held by tensors, and utilisation when NVML is available.
+    device_memory_bytes: int | None = None
+    device_utilization: float | None = None
+    # Entries (by position) whose JPEG could not be decoded: their scores are void.
+    errors: tuple[tuple[int, DecodeError], ...] = ()
+
+
+class Classifier:
+    """ResNet18 plus the normalisation that torchvision's transform would apply."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.precision]
+        model, self.weights_identity = build_model(config.weights)
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        if self.dtype is not torch.float32:
+            self.model = self.model.to(self.dtype)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(shape)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(shape)
+
+    @torch.inference_mode()
+    def classify(
+        self, pixels: torch.Tensor, device_rows: dict[int, torch.Tensor] | None = None
+    ) -> BatchResult:
+        """``pixels``: uint8 N x 3 x 224 x 224 on the CPU; ``device_rows`` replace rows
+        with pixels already on the device (decoded there)."""
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        if device_rows:
+            rows = list(device_rows)
+            pixels[rows] = torch.stack([device_rows[i] for i in rows])
+        # Same arithmetic as ToTensor/ConvertImageDtype + Normalize, in that order.
+        x = pixels.float().div_(255).sub_(self.mean).div_(self.std)
+        x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        logits = self.model(x).float()
+        scores, indices = torch.softmax(logits, dim=1).topk(self.config.top_k, dim=1)
+        indices_list, scores_list = indices.cpu().tolist(), scores.cpu().tolist()
+        forward_s = time.perf_counter() - started
+        if self.device.type != "cuda":
+            return BatchResult(indices_list, scores_list, forward_s)
+        return BatchResult(
+            indices_list,
+            scores_list,
+            forward_s,
+            str(self.device),
+            torch.cuda.memory_allocated(self.device),
+            _utilization(self.device),
+        )
+
+    def warm_up(self) -> None:
+        self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
+
+
+def _utilization(device: torch.device) -> float | None:
+    try:
+        return torch.cuda.utilization(device) / 100.0  # needs NVML (pynvml)
+    except Exception:
+        return None
