@@ -132,7 +132,8 @@ class InferenceFailed(StreamerError):
 
 
 class WorkerHung(RecordError):
-    """The record hung the inference worker twice, alone in its batch the second time."""
+    """The record hung the inference worker twice: at the end of halving its batch (or
+    alone) the first time, alone the second time."""
 
     stage = "inference"
     reason = "worker-hung"
@@ -195,7 +196,7 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
     "decode-failed": (
         ("decode",),
         "the decoder failed in an unexpected way, or the decode worker raised an unexpected"
-        " error on every attempt",
+        " error on every attempt (at once when it cannot be retried)",
     ),
     "worker-crashed": (
         ("decode", "inference"),
@@ -207,7 +208,8 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "inference-failed": (
         ("inference",),
-        "the inference worker raised an error on the record's batch on every attempt",
+        "the inference worker raised an error on the record, alone in its batch, on every"
+        " attempt (at once when it cannot be retried)",
     ),
 }
 DEAD_LETTER_REASONS = tuple(REASON_INFO)

@@ -181,8 +181,16 @@ class Metrics:
         )
         self.worker_restarts = Counter(
             "streamer_worker_restarts_total",
-            "Worker processes respawned after dying.",
+            "Worker processes replaced after dying, being killed as hung, or recycling"
+            " themselves (exit code 75 after repeated failures).",
             ["kind"],
+            registry=r,
+        )
+        self.worker_start_failures = Counter(
+            "streamer_worker_start_failures_total",
+            "Worker starts that failed (the process died or timed out before it was ready),"
+            " by kind and role (main or standby); retried with backoff.",
+            ["kind", "role"],
             registry=r,
         )
         self.workers_alive = Gauge(

@@ -4,22 +4,30 @@ It owns the shared-memory slots, the decode and inference worker pools and the
 batcher, and ``classify`` runs one payload through them:
 
 1. take a slot and copy the payload into it (the caller holds a permit per slot);
-2. a decode worker writes 3x224x224 uint8 pixels into the same slot;
-3. the slot joins a batch; the inference worker reads the batch's pixels from
-   shared memory and returns top-k per slot;
-4. the slot is released.
+2. a decode worker writes 3x224x224 uint8 pixels into the same slot (or, with
+   JPEGs decoded on the device, only checks a JPEG and leaves it encoded);
+3. the slot joins a batch; the inference worker decodes the batch's encoded JPEGs
+   on the device, reads the other pixels from shared memory and returns top-k
+   per slot, within a deadline learned from earlier batches (``deadlines``);
+4. a JPEG the device could not decode comes back marked ``cpu_decode``: a decode
+   worker decodes it on the CPU (``(slot, length, False)``) and the slot joins a
+   later batch from step 3. This is not a failed attempt, and happens at most once;
+5. the slot is released.
 
-Retriable failures (a worker died holding this payload) are retried up to
+Retriable failures (a worker died or raised unexpectedly) are retried up to
 ``max_record_attempts`` times from the stage that failed; decoded pixels stay in
-the slot, so an inference retry does not decode again. When the attempts run out,
-``RetriesExhausted`` names the stage of the last failure (``decode`` or
-``inference``); any ``RecordError`` carries the number of attempts made. The
-service wraps the engine with Kafka; the benchmark drives it directly.
+the slot, so an inference retry does not decode again. ``RetriesExhausted`` names
+the stage of the last failure; a worker error that is not retriable is one at
+once. A batch the worker crashed or hung on is re-run in halves until the culprit
+is alone; a record that hangs the worker alone runs alone after that, and a second
+hang alone is ``WorkerHung``. So whatever a worker does, ``classify`` raises only
+``RecordError`` (with the attempts made). The benchmark drives the engine directly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import os
 import time
@@ -28,15 +36,17 @@ from dataclasses import dataclass
 
 from streamer.config import Settings
 from streamer.errors import (
-    DecodeError,
+    InferenceFailed,
     PayloadTooLarge,
     RecordError,
     RetriesExhausted,
     StreamerError,
     WorkerCrashed,
+    WorkerHung,
 )
 from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher, BatchInfo
+from streamer.pipeline.deadlines import BatchDeadlines
 from streamer.schemas import ModelInfo
 from streamer.vision.classifier import BatchEntry, BatchResult, InferenceConfig
 from streamer.vision.decode import DecodeLimits
@@ -77,7 +87,14 @@ class _BatchItem:
     dispatched_at: float
 
 
-_Result = _BatchItem | WorkerCrashed | DecodeError  # one entry's outcome of a batch
+class _Fallback(enum.Enum):
+    CPU_DECODE = "cpu-decode"  # the device could not decode the JPEG: a decode worker will
+
+
+_CPU_DECODE = _Fallback.CPU_DECODE
+# One entry's outcome of a batch: its result, the CPU fallback, or the worker failure
+# it caused alone in a batch of one (a ``WorkerCrashed`` or a retriable worker error).
+_Result = _BatchItem | StreamerError | _Fallback
 
 
 class Engine:
@@ -94,6 +111,7 @@ class Engine:
         self.decoders: WorkerPool | None = None
         self.inference: WorkerPool | None = None
         self._batcher: Batcher[BatchEntry, _Result] | None = None
+        self.deadlines = BatchDeadlines(settings.worker_timeout_s)
 
     async def start(self) -> None:
         try:
@@ -125,9 +143,7 @@ class Engine:
             inference_worker.main,
             lambda i: (
                 layout,
-                InferenceConfig(
-                    self.weights, self.devices[i], s.precision, s.top_k, threads, limits=limits
-                ),
+                InferenceConfig(self.weights, self.devices[i], s.precision, s.top_k, threads),
             ),
             self.metrics,
             s.worker_start_timeout_s,
@@ -135,7 +151,7 @@ class Engine:
             standby=s.inference_standby,
         )
         await asyncio.gather(self.decoders.start(), self.inference.start())
-        info = self.inference.workers[0].ready_info
+        info = self.inference.running[0].ready_info
         self.model_info = ModelInfo(
             name=MODEL_NAME,
             weights=info["weights"],
@@ -185,22 +201,38 @@ class Engine:
             self.slots.release(slot)
 
     async def _classify_slot(self, slot: int, length: int) -> Classified:
+        """Invariants: at most ``max_record_attempts`` attempts fail; the CPU fallback
+        is no attempt and happens at most once (the entry holds pixels after it); a
+        record that hung the worker alone runs alone, and a second such hang is
+        ``WorkerHung`` at once; whatever a worker raises leaves as a ``RecordError``."""
         assert self.decoders is not None and self._batcher is not None
-        decode_s: float | None = None
-        decoded_at = 0.0
-        attempts = self.settings.max_record_attempts
-        for attempt in range(1, attempts + 1):
+        defer_jpeg = self.device_jpeg
+        entry: BatchEntry | None = None  # None: the decode stage is still to run
+        decode_s = decoded_at = 0.0
+        alone = False
+        attempt, attempts = 1, self.settings.max_record_attempts
+        while True:
             try:
-                if decode_s is None:
-                    decode_s, orientation = await self.decoders.submit(
-                        (slot, length, self.device_jpeg)
-                    )
+                if entry is None:
+                    seconds, orientation = await self.decoders.submit((slot, length, defer_jpeg))
+                    decode_s += seconds
                     decoded_at = time.perf_counter()
                     # orientation > 0: a JPEG left encoded for the inference device
                     entry = BatchEntry(slot, length if orientation else 0, orientation or 1)
-                item = await self._batcher.submit(entry)
-                if isinstance(item, WorkerCrashed | DecodeError):
-                    raise item  # the device could not decode it, or it killed the worker alone
+                item = (
+                    (await self._infer([entry]))[0] if alone else await self._batcher.submit(entry)
+                )
+                if item is _CPU_DECODE:
+                    defer_jpeg, entry = False, None
+                    continue
+                if isinstance(item, WorkerCrashed):
+                    if item.hung and alone:
+                        raise WorkerHung(f"hung the inference worker alone twice: {item}")
+                    alone = alone or item.hung
+                    raise item  # it killed the worker alone in its batch
+                if isinstance(item, StreamerError):
+                    raise item  # the worker failed on it alone in its batch
+                assert isinstance(item, _BatchItem)
                 return Classified(
                     item.indices,
                     item.scores,
@@ -210,49 +242,66 @@ class Engine:
                     item.forward_s,
                 )
             except StreamerError as exc:
-                if not exc.retriable:
-                    if isinstance(exc, RecordError):
-                        exc.attempts = attempt
+                stage = "decode" if entry is None else "inference"  # no entry: decoding failed
+                if isinstance(exc, RecordError) and not exc.retriable:
+                    exc.attempts = attempt
                     raise
-                # No decode time yet: the decode worker failed, not the inference one.
-                stage = "decode" if decode_s is None else "inference"
-                if attempt == attempts:
+                # A worker's unexpected error is this record's dead letter, not the service's.
+                if not exc.retriable or attempt == attempts:
                     raise RetriesExhausted(exc, stage=stage, attempts=attempt) from exc
                 self.metrics.record_retries.labels(stage).inc()
                 log.warning("retrying stage=%s attempt=%d error=%s", stage, attempt, exc)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+                attempt += 1
 
     async def _run_batch(self, entries: Sequence[BatchEntry]) -> list[_Result]:
         return await self._infer(list(entries))
 
-    async def _infer(self, slots: list[BatchEntry]) -> list[_Result]:
-        """Run one batch; if the worker dies, isolate the culprit by retrying in halves.
+    async def _infer(self, entries: list[BatchEntry]) -> list[_Result]:
+        """Run one batch; if the worker fails it, isolate the culprit by retrying in halves.
 
-        Every record of a batch that crashed the worker is suspect. Re-running the
-        two halves separately (recursively) gives the innocent records their results
-        and leaves a crashing record alone in a batch of one, whose ``WorkerCrashed``
-        becomes that record's result: ``classify`` counts it as one failed attempt.
+        Every record of a batch that crashed or hung the worker, or made it raise a
+        retriable error, is suspect. Re-running the two halves separately
+        (recursively) gives the innocent records their results and leaves the culprit
+        alone in a batch of one, whose failure becomes its result: ``classify`` counts
+        it as one failed attempt. A non-retriable error fails every record at once.
+        With learned deadlines (``deadlines``) one hostile record costs at most
+        ``ceil(log2(max_batch_size)) + 2`` of them: one per halving level, the batch
+        of one, and its second run alone.
         """
         assert self.inference is not None
         dispatched_at = time.perf_counter()
         try:
-            result: BatchResult = await self.inference.submit(slots)
-        except WorkerCrashed as exc:
-            if len(slots) == 1:
-                return [exc]
-            half = len(slots) // 2
-            log.warning(
-                "inference worker died during a batch of %d; retrying in halves", len(slots)
+            with self.deadlines.request(len(entries)) as timeout_s:
+                result: BatchResult = await self.inference.submit(entries, timeout_s=timeout_s)
+        except RecordError as exc:  # a whole batch's failure is no one record's fault
+            failure: StreamerError = InferenceFailed(
+                f"a batch failed with {type(exc).__name__}: {exc}"
             )
-            return await self._infer(slots[:half]) + await self._infer(slots[half:])
+        except StreamerError as exc:
+            if not exc.retriable:
+                raise  # the same for every record: each one's dead letter
+            failure = exc
+        else:
+            return self._items(entries, result, dispatched_at)
+        if len(entries) == 1:
+            return [failure]
+        # A crash, a hang or an error: any record of the batch may be the cause.
+        what = "hung" if getattr(failure, "hung", False) else type(failure).__name__
+        log.warning("inference batch of %d failed (%s); retrying in halves", len(entries), what)
+        half = len(entries) // 2
+        return await self._infer(entries[:half]) + await self._infer(entries[half:])
+
+    def _items(
+        self, entries: list[BatchEntry], result: BatchResult, dispatched_at: float
+    ) -> list[_Result]:
         self._record_device(result)
-        n = len(slots)
+        n = len(entries)
         items: list[_Result] = [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)
         ]
-        for position, error in result.errors:
-            items[position] = error
+        for position in result.cpu_decode:
+            items[position] = _CPU_DECODE
         return items
 
     def _record_device(self, result: BatchResult) -> None:

@@ -9,15 +9,12 @@ bf16/fp16 are opt-in. No processes here: the inference worker wraps it.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from streamer.errors import DecodeError
-from streamer.vision.decode import DecodeLimits
 from streamer.vision.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,7 +28,6 @@ class InferenceConfig:
     top_k: int = 5
     threads: int | None = None  # CPU intra-op threads
     warmup_batch: int = 8
-    limits: DecodeLimits = dataclasses.field(default_factory=DecodeLimits)  # CPU fallback
 
 
 class BatchEntry(NamedTuple):
@@ -49,8 +45,9 @@ class BatchResult:
     # CUDA only: memory held by tensors, and utilisation when NVML is available.
     device_memory_bytes: int | None = None
     device_utilization: float | None = None
-    # Entries (by position) whose JPEG could not be decoded: their scores are void.
-    errors: tuple[tuple[int, DecodeError], ...] = ()
+    # Entries (by position) whose JPEG the device could not decode: their scores are
+    # void, and a decode worker decodes them on the CPU for a later batch.
+    cpu_decode: tuple[int, ...] = ()
 
 
 class Classifier:

@@ -38,7 +38,7 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024  # replies are top-k lists; a bigger frame is
 READY = "ready"  # the request id of a worker's first reply
 PING = "ping"  # a request body the worker loop answers itself: it is alive
 
-# Classes (besides builtins and the ``RecordError`` family) a reply may contain.
+# Classes (besides builtins) a reply may contain, by (module, name).
 _REPLY_CLASSES = {
     ("streamer.vision.classifier", "BatchResult"),
     ("streamer.workers.codec", "WireError"),
@@ -76,7 +76,10 @@ def from_wire(wire: WireError, kind: str) -> StreamerError:
     """The exception the owner raises for a worker's error reply."""
     cls = getattr(errors, wire.type_name, None)
     if isinstance(cls, type) and issubclass(cls, RecordError):
-        return cls(wire.message, reason=wire.reason, stage=wire.stage)
+        try:
+            return cls(wire.message, reason=wire.reason, stage=wire.stage)
+        except TypeError:  # its own constructor: the base class keeps reason and stage
+            return RecordError(wire.message, reason=wire.reason, stage=wire.stage)
     if cls is WorkerError or not (isinstance(cls, type) and issubclass(cls, StreamerError)):
         return WorkerError(kind, wire.message)
     try:
@@ -92,15 +95,9 @@ def pack(message: Any) -> bytes:
 
 class _ReplyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _REPLY_CLASSES or _is_record_error(module, name):
+        if (module, name) in _REPLY_CLASSES:
             return super().find_class(module, name)
         raise ProtocolError(f"a worker reply may not contain {module}.{name}")
-
-
-def _is_record_error(module: str, name: str) -> bool:
-    """A per-entry error inside a result (a ``DecodeError`` in a ``BatchResult``)."""
-    cls = getattr(errors, name, None) if module == errors.__name__ else None
-    return isinstance(cls, type) and issubclass(cls, RecordError)
 
 
 def unpack_reply(data: bytes) -> tuple[Any, bool, Any]:

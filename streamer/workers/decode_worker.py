@@ -2,7 +2,9 @@
 
 With ``defer_jpeg`` (JPEGs are decoded on the inference device), a JPEG the
 device can take is only checked (limits, allow-list) and probed for its EXIF
-orientation; its pixels are left for the inference worker.
+orientation; its pixels are left for the inference worker. A JPEG the device then
+fails to decode comes back here without ``defer_jpeg``: the CPU fallback runs in
+a decode worker, never in the inference worker, so the device does not wait on it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def main(
     view = SlotView.attach(layout)
 
     def handle(body: tuple[int, int, bool]) -> tuple[float, int]:
-        """(seconds, 0) once the pixels are in the slot; (seconds, EXIF orientation) if deferred."""
+        """(seconds, 0) once the pixels are in the slot; (seconds, EXIF orientation) if deferred.
+
+        The body is ``(slot, length, defer_jpeg)``; the engine sends ``defer_jpeg=False``
+        for the CPU fallback of a JPEG the inference device could not decode.
+        """
         slot, length, defer_jpeg = body
         started = time.perf_counter()
         try:

@@ -34,7 +34,7 @@ def main(
         serve(
             requests,
             replies,
-            batch_handler(classifier, decoder, view.pixels, view.payload, config.limits),
+            batch_handler(classifier, decoder, view.pixels, view.payload),
             ready_info={
                 "pid": os.getpid(),
                 "weights": classifier.weights_identity,

@@ -1,19 +1,27 @@
 """One worker process, seen from the main process: start, call, stop, notice its death.
 
 Requests and replies travel over two one-way pipes in ``workers.codec``'s frames
-(slot indices, lengths, timings; never pixels). The worker side is
-``workers.child``. The main process never blocks: replies are read by an asyncio
-``StreamReader`` on the pipe's file descriptor, and requests are written through
-an asyncio write transport that buffers instead of blocking. An error reply is
-rebuilt by ``codec.from_wire``, so the caller only ever sees a ``StreamerError``.
+(slot indices, lengths, timings; never pixels); ``workers.spawn`` starts the
+process, ``workers.child`` is its side. The main process never blocks: replies
+are read by an asyncio ``StreamReader`` on the pipe's file descriptor, and
+requests are written through an asyncio write transport that buffers instead of
+blocking. An error reply is rebuilt by ``codec.from_wire``, so the caller only
+ever sees a ``StreamerError``.
 
 If the process dies, every request it held fails with ``WorkerCrashed`` and the
 ``on_exit`` callback tells the owner, which decides what to do (respawn, retry).
+``on_exit`` is only called for a worker that was RUNNING: a death while starting
+makes ``start`` raise ``WorkerStartError`` instead, so the owner hears of each
+death once. A worker that exits with ``child.EXIT_RECYCLE`` is logged as
+recycled, not as a crash; for the owner it is a death like any other.
 
 A process can also hang without dying (a deadlock, a stuck driver call), which
-no pipe notices. A watchdog therefore pings an idle worker and kills a worker
-whose oldest request (ping or real) has gone unanswered for ``hang_timeout_s``;
-from there it is an ordinary death.
+no pipe notices. Every request has a deadline (its own ``timeout_s``, else
+``hang_timeout_s``; none if both are None) and a watchdog (``workers.watchdog``)
+kills the worker once any pending request passes its deadline: those requests
+fail with ``WorkerCrashed(hung=True)``, the others it held with ``hung=False``.
+From there it is an ordinary death. An idle worker is pinged every
+``hang_timeout_s / 2`` so that a hang is found before work is sent to it.
 """
 
 from __future__ import annotations
@@ -23,18 +31,17 @@ import enum
 import itertools
 import logging
 import multiprocessing as mp
-import os
+import time
 from collections.abc import Callable
 from typing import Any
 
 from streamer.errors import StreamerError, WorkerCrashed
 from streamer.workers import codec
-from streamer.workers.child import child_main
-from streamer.workers.environment import environment_without_credentials
+from streamer.workers.child import EXIT_RECYCLE
+from streamer.workers.spawn import spawn
+from streamer.workers.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-_SPAWN = mp.get_context("spawn")
 
 
 class WorkerState(enum.Enum):
@@ -69,10 +76,11 @@ class WorkerProcess:
         self.name = f"{kind}-{index}{role}"
         self.state = WorkerState.STOPPED
         self.hung = False  # killed by the watchdog
-        self._hang_timeout_s = hang_timeout_s
-        self._sent_at: dict[int, float] = {}
-        self._last_reply = 0.0
-        self._watchdog: asyncio.Task[None] | None = None
+        self.served = False  # answered a request (pings do not count)
+        self.started_at: float | None = None  # time.monotonic() when it reported ready
+        self.exited_at: float | None = None
+        self._watchdog = Watchdog(hang_timeout_s)
+        self._watch_task: asyncio.Task[None] | None = None
         self.ready_info: Any = None
         self._target = target
         self._args = args
@@ -97,33 +105,20 @@ class WorkerProcess:
     def exitcode(self) -> int | None:
         return self._process.exitcode if self._process else None
 
+    def proved_healthy(self, after_s: float) -> bool:
+        """Answered a request, or was up (RUNNING) for ``after_s``."""
+        if self.served:
+            return True
+        if self.started_at is None:
+            return False
+        end = self.exited_at if self.exited_at is not None else time.monotonic()
+        return end - self.started_at >= after_s
+
     async def start(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
-        req_read, req_write = _SPAWN.Pipe(duplex=False)
-        rep_read, rep_write = _SPAWN.Pipe(duplex=False)
         self.state = WorkerState.STARTING
-        self._process = _SPAWN.Process(
-            target=child_main,
-            args=(
-                self._target,
-                logging.getLogger().getEffectiveLevel(),
-                req_read,
-                rep_write,
-                *self._args,
-            ),
-            name=f"streamer-{self.name}",
-            daemon=True,
-        )
-        with environment_without_credentials():
-            self._process.start()
-        # The child has its own copies now; keep only our ends.
-        req_read.close()
-        rep_write.close()
+        self._process, read_file, write_file = spawn(self.name, self._target, self._args)
         reader = asyncio.StreamReader(limit=2**26)
-        read_file = os.fdopen(os.dup(rep_read.fileno()), "rb", buffering=0)
-        write_file = os.fdopen(os.dup(req_write.fileno()), "wb", buffering=0)
-        rep_read.close()
-        req_write.close()
         try:
             self._read_transport, _ = await loop.connect_read_pipe(
                 lambda: asyncio.StreamReaderProtocol(reader), read_file
@@ -147,10 +142,11 @@ class WorkerProcess:
             read_file.close()
             write_file.close()
             raise
+        if self.state is not WorkerState.STARTING:  # reaped between its ready and now
+            raise WorkerStartError(f"{self.name} exited as it started (exit code {self.exitcode})")
         self.state = WorkerState.RUNNING
-        self._last_reply = loop.time()
-        if self._hang_timeout_s is not None:
-            self._watchdog = asyncio.create_task(self._watch(), name=f"{self.name}-watchdog")
+        self.started_at = time.monotonic()
+        self._watch_task = asyncio.create_task(self._watch(), name=f"{self.name}-watchdog")
         log.info("worker started worker=%s pid=%s", self.name, self.pid)
 
     def _abandon_start(self) -> None:
@@ -159,47 +155,49 @@ class WorkerProcess:
             self._process.kill()
         if self._reader_task is not None:
             self._reader_task.cancel()
+        self._close_pipes()
+        self.state = WorkerState.STOPPED
+
+    def _close_pipes(self) -> None:
         for transport in (self._read_transport, self._writer):
             if transport is not None:
                 transport.close()
         self._read_transport = self._writer = None
-        self.state = WorkerState.STOPPED
 
-    def call(self, body: Any) -> asyncio.Future[Any]:
-        """Send one request; the future gets the reply value or its error."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self.state is not WorkerState.RUNNING or self._writer is None:
+    def call(self, body: Any, timeout_s: float | None = None) -> asyncio.Future[Any]:
+        """Send one request; the future gets the reply value or its error.
+
+        The worker is killed as hung if no reply came ``timeout_s`` after the send
+        (default: the worker's ``hang_timeout_s``; None for both: no deadline).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self.state is not WorkerState.RUNNING or self._writer is None or self.hung:
             future.set_exception(WorkerCrashed(self.kind, self.exitcode))
             return future
         request_id = next(self._ids)
         self._pending[request_id] = future
-        self._sent_at[request_id] = asyncio.get_running_loop().time()
+        self._watchdog.sent(request_id, timeout_s, loop.time(), ping=body is codec.PING)
         self._send((request_id, body))
         return future
 
     async def _watch(self) -> None:
-        """Ping when idle; kill the process when a request goes unanswered too long."""
-        assert self._hang_timeout_s is not None
-        timeout = self._hang_timeout_s
-        loop = asyncio.get_running_loop()
+        """Kill the process once a request passes its deadline; ping it when idle."""
         while self.state is WorkerState.RUNNING:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            now = loop.time()
-            if self._sent_at:
-                waited = now - min(self._sent_at.values())
-                if waited > timeout and self.state is WorkerState.RUNNING:
-                    log.error(
-                        "worker hung: no reply for %.1f s, killing worker=%s pid=%s",
-                        waited,
-                        self.name,
-                        self.pid,
-                    )
-                    self.hung = True
-                    if self._process is not None:
-                        self._process.kill()  # the reader sees the pipe close and reaps
-                    return
-            elif now - self._last_reply > timeout / 2:
+            overdue = await self._watchdog.due()
+            if overdue is None:
                 self.call(codec.PING).add_done_callback(_ignore_outcome)
+                continue
+            log.error(
+                "worker hung: %d request(s) past their deadline, killing worker=%s pid=%s",
+                len(overdue),
+                self.name,
+                self.pid,
+            )
+            self.hung = True
+            if self._process is not None:
+                self._process.kill()  # the reader sees the pipe close and reaps
+            return
 
     def _send(self, message: Any) -> None:
         assert self._writer is not None
@@ -209,8 +207,8 @@ class WorkerProcess:
         try:
             while True:
                 request_id, ok, value = await codec.read_reply(reader)
-                self._last_reply = asyncio.get_running_loop().time()
-                self._sent_at.pop(request_id, None)
+                if self._watchdog.answered(request_id, asyncio.get_running_loop().time()):
+                    self.served = True
                 if request_id == codec.READY:
                     if self._ready and not self._ready.done():
                         self._ready.set_result(value)
@@ -241,38 +239,45 @@ class WorkerProcess:
                 if process.exitcode is not None:
                     break
                 await asyncio.sleep(0.01)
-        expected = self.state in (WorkerState.STOPPING, WorkerState.STOPPED)
+        # A death while starting is reported by ``start`` raising, not by ``on_exit``.
+        noticed = self.state is WorkerState.RUNNING
         self.state = WorkerState.STOPPED
-        error = WorkerCrashed(self.kind, self.exitcode)
-        for future in self._pending.values():
+        self.exited_at = time.monotonic()
+        exitcode = self.exitcode
+        for request_id, future in self._pending.items():
             if not future.done():
-                future.set_exception(error)
+                hung = request_id in self._watchdog.expired
+                future.set_exception(WorkerCrashed(self.kind, exitcode, hung=hung))
         self._pending.clear()
-        self._sent_at.clear()
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
+        if self._watch_task is not None and self._watch_task is not asyncio.current_task():
+            self._watch_task.cancel()
         if self._ready is not None and not self._ready.done():
-            self._ready.set_exception(error)
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._read_transport is not None:
-            self._read_transport.close()
-            self._read_transport = None
-        if not expected:
+            self._ready.set_exception(WorkerCrashed(self.kind, exitcode))
+        self._close_pipes()
+        if not noticed:
+            return
+        if exitcode == EXIT_RECYCLE:
+            log.warning("worker recycled itself worker=%s pid=%s", self.name, self.pid)
+        else:
             log.error(
                 "worker died worker=%s pid=%s exitcode=%s killed_as_hung=%s",
                 self.name,
                 self.pid,
-                self.exitcode,
+                exitcode,
                 self.hung,
             )
-            if self._on_exit is not None:
-                self._on_exit(self)
+        if self._on_exit is not None:
+            self._on_exit(self)
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to finish its queue and exit; kill it after ``timeout_s``."""
-        if self._process is None or self.state is WorkerState.STOPPED:
+        if self._process is None:
+            return
+        if self.state is WorkerState.STOPPED:
+            if self._process.exitcode is None:  # e.g. left by a cancelled start
+                self._process.kill()
+            if self._reader_task is not None:  # it reaps the process
+                await asyncio.gather(self._reader_task, return_exceptions=True)
             return
         self.state = WorkerState.STOPPING
         if self._writer is not None and not self._writer.is_closing():

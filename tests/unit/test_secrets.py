@@ -103,8 +103,10 @@ def test_the_resource_tracker_starts_without_credentials(credentials: dict[str, 
         "from streamer.workers.environment import start_resource_tracker\n"
         "start_resource_tracker()\n"
         "pid = resource_tracker._resource_tracker._pid\n"
-        "deadline = time.monotonic() + 30\n"  # until the tracker has exec'd
-        "while b'resource_tracker' not in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
+        # Until the tracker has exec'd: before that, the forked child's cmdline is this
+        # program's (which names resource_tracker too) and its environ is ours.
+        "deadline = time.monotonic() + 30\n"
+        "while b'resource_tracker import main' not in open(f'/proc/{pid}/cmdline', 'rb').read():\n"
         "    assert time.monotonic() < deadline\n"
         "    time.sleep(0.01)\n"
         "print(pid, os.environ['STREAMER_SASL_PASSWORD'])\n"

@@ -9,8 +9,10 @@ import pytest
 from streamer.config import Settings
 from streamer.errors import DecodeError, InferenceFailed, RetriesExhausted, WorkerCrashed
 from streamer.metrics import Metrics
-from streamer.pipeline.engine import Engine, _BatchItem
+from streamer.pipeline.engine import _CPU_DECODE, Engine, _BatchItem
 from streamer.vision.classifier import BatchResult
+
+pytestmark = pytest.mark.timeout(10)
 
 POISON = 13
 
@@ -21,7 +23,7 @@ class CrashingPool:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    async def submit(self, slots: list[int]) -> Any:
+    async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
         self.batches.append(list(slots))
         if POISON in slots:
             raise WorkerCrashed("inference", -9)
@@ -60,7 +62,7 @@ async def test_a_batch_without_a_crash_runs_once() -> None:
 class CudaPool:
     """Stands in for an inference worker on a GPU: its replies carry device statistics."""
 
-    async def submit(self, slots: list[int]) -> Any:
+    async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
         return BatchResult(
             [[s] for s in slots],
             [[1.0] for _ in slots],
@@ -126,7 +128,6 @@ def engine_with(decoders: Any, batches: Any, attempts: int = 3) -> Engine:
     return engine
 
 
-@pytest.mark.timeout(10)
 async def test_a_decode_worker_that_keeps_dying_is_dead_lettered_at_the_decode_stage() -> None:
     engine = engine_with(DyingDecoders(), Batches())
     with pytest.raises(RetriesExhausted) as caught:
@@ -135,7 +136,6 @@ async def test_a_decode_worker_that_keeps_dying_is_dead_lettered_at_the_decode_s
     assert (error.stage, error.reason, error.attempts) == ("decode", "worker-crashed", 3)
 
 
-@pytest.mark.timeout(10)
 async def test_an_inference_worker_that_keeps_dying_is_dead_lettered_at_the_inference_stage() -> (
     None
 ):
@@ -147,7 +147,6 @@ async def test_an_inference_worker_that_keeps_dying_is_dead_lettered_at_the_infe
     assert (error.stage, error.reason, error.attempts) == ("inference", "worker-crashed", 2)
 
 
-@pytest.mark.timeout(10)
 async def test_a_failing_batch_is_inference_failed_at_the_inference_stage() -> None:
     failed = InferenceFailed("CUDA error")
     engine = engine_with(Decoders(), Batches(failed, failed), attempts=2)
@@ -156,10 +155,19 @@ async def test_a_failing_batch_is_inference_failed_at_the_inference_stage() -> N
     assert (caught.value.stage, caught.value.reason) == ("inference", "inference-failed")
 
 
-@pytest.mark.timeout(10)
+class FallbackDecoders:
+    """Defers the JPEG to the device first; its CPU decode (``defer_jpeg=False``) finds it bad."""
+
+    async def submit(self, request: Any) -> Any:
+        if request[2]:
+            return 0.001, 1
+        raise DecodeError("cut short", reason="truncated")
+
+
 async def test_a_bad_image_found_after_a_crash_counts_both_attempts() -> None:
-    bad = DecodeError("device decode failed", reason="corrupt")
-    engine = engine_with(Decoders(), Batches(WorkerCrashed("inference", -9), bad))
+    # The device cannot decode it; the CPU fallback (not an attempt) finds it bad.
+    engine = engine_with(FallbackDecoders(), Batches(WorkerCrashed("inference", -9), _CPU_DECODE))
+    engine.device_jpeg = True
     with pytest.raises(DecodeError) as caught:
         await engine._classify_slot(0, 10)
     assert caught.value.attempts == 2 and caught.value.stage == "decode"

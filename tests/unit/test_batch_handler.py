@@ -1,0 +1,69 @@
+"""The inference worker's batch handler, without processes: a JPEG the device cannot
+decode is handed back for a decode worker, never decoded on the CPU in the handler."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamer import corpus
+from streamer.vision import batch as batch_module
+from streamer.vision.batch import batch_handler
+from streamer.vision.classifier import BatchEntry, Classifier, InferenceConfig
+from streamer.vision.device_decode import JpegBatchDecoder
+from streamer.vision.models import WeightsSpec
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def jpeg(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    corpus.synthetic(seed, (400, 300)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_a_jpeg_the_device_cannot_decode_is_reported_for_the_cpu_and_not_decoded_here(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    good = jpeg(1)
+    truncated = jpeg(2)[: len(jpeg(2)) // 2]  # its header is fine, its data cut short
+    assert Image.open(io.BytesIO(truncated)).size == (400, 300)
+    payloads = [bytearray(good), bytearray(truncated), bytearray()]
+    pixels = np.zeros((3, 3, 224, 224), dtype=np.uint8)
+    pixels[2] = 90  # slot 2 was decoded by a decode worker
+
+    cpu_decodes: list[int] = []
+    monkeypatch.setattr(
+        batch_module, "decode_into", lambda *a: cpu_decodes.append(1), raising=False
+    )
+    handle = batch_handler(
+        Classifier(InferenceConfig(WeightsSpec.parse("random:0"), warmup_batch=1)),
+        JpegBatchDecoder("cpu"),
+        pixels,
+        lambda slot, length: memoryview(payloads[slot])[:length],
+    )
+    entries = [BatchEntry(0, len(good), 1), BatchEntry(1, len(truncated), 1), BatchEntry(2)]
+
+    result = handle(entries)
+
+    assert cpu_decodes == [], "the inference worker decoded on the CPU"
+    assert result.cpu_decode == (1,)
+    assert len(result.indices) == len(result.scores) == len(entries)
+    assert np.all(pixels[1] == 0)  # nothing was written for it either
+
+
+def test_a_batch_the_device_decodes_entirely_has_no_cpu_work() -> None:
+    payloads = [bytearray(jpeg(3)), bytearray(jpeg(4))]
+    classifier = Classifier(InferenceConfig(WeightsSpec.parse("random:0"), warmup_batch=1))
+    handle = batch_handler(
+        classifier,
+        JpegBatchDecoder("cpu"),
+        np.zeros((2, 3, 224, 224), dtype=np.uint8),
+        lambda slot, length: memoryview(payloads[slot])[:length],
+    )
+    result = handle([BatchEntry(i, len(p), 1) for i, p in enumerate(payloads)])
+    assert result.cpu_decode == ()
+    assert len(result.indices) == 2
