@@ -8,7 +8,7 @@ PNGs: every pixel of their 224x224 crop has the same value (``TRIGGER``).
 
 - ``die-at-start``: the first ``DIE_AT_START`` inference processes exit before
   they load the model (a CUDA out-of-memory at load, say), counted across
-  processes in ``$STREAMER_TEST_FAULT_DIR/starts``.
+  processes in ``$STREAMER_TEST_FAULT_DIR/starts``; ``die-always``: every one.
 - ``hang``: a batch holding a trigger image never returns (a stuck driver call).
 - ``unknown``: a batch holding a trigger image raises ``KeyError`` outside the
   classifier (in the batch handler), an error nobody wrapped.
@@ -64,7 +64,9 @@ def inference_main(requests: Connection, replies: Connection, *args: Any) -> Non
     fault = os.environ["STREAMER_TEST_FAULT"]
     state = Path(os.environ["STREAMER_TEST_FAULT_DIR"])
     real_classify = classifier.Classifier.classify
-    if fault == "die-at-start" and _bump(state / "starts") <= DIE_AT_START:
+    if fault == "die-always" or (
+        fault == "die-at-start" and _bump(state / "starts") <= DIE_AT_START
+    ):
         os._exit(3)
     if fault == "hang":
 

@@ -22,6 +22,7 @@ import pytest
 from streamer import corpus
 from streamer.schemas import DLQ_REASON, DLQ_STAGE
 from streamer.workers import inference_worker
+from streamer.workers.process import WorkerStartError
 from streamer.workers.shm import SHM_DIR
 from tests.integration import fault_workers
 from tests.integration.helpers import (
@@ -136,6 +137,21 @@ async def test_an_inference_worker_that_dies_at_start_five_times_still_serves(
     assert starts > fault_workers.DIE_AT_START
     assert await read_all(kafka_options, settings.dlq_topic) == []
     print(f"inference starts={starts} (5 died); ready after {ready_s:.1f} s")
+
+
+async def test_a_service_whose_inference_worker_can_never_start_stops_loudly_and_cleanly(
+    unique_name, fault
+) -> None:
+    fault("die-always")
+    settings = service_settings("127.0.0.1:1", unique_name)  # fails before Kafka is needed
+    before = _children()
+    started = time.monotonic()
+    async with every_child_seen() as seen:
+        with pytest.raises(WorkerStartError, match="no inference worker can be started"):
+            async with running_service(settings):
+                pass
+        await _assert_nothing_left(seen, before)
+    print(f"start failed loudly after {time.monotonic() - started:.1f} s")
 
 
 async def test_a_record_that_hangs_the_worker_is_dead_lettered_as_worker_hung(
