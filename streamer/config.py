@@ -144,6 +144,13 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="milliseconds a batch waits to fill before it runs anyway"
     )
+    latency_target_ms: float | None = Field(
+        None,
+        gt=0,
+        description="p99 end-to-end latency target: batch size and fill wait are chosen from"
+        " measured batch times and the backlog (draining with the most efficient batch under"
+        " lag), corrected from the observed p99; unset: max_batch_size and max_batch_delay_ms",
+    )
     decode_workers: int = Field(
         default_factory=default_decode_workers,
         ge=1,

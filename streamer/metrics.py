@@ -150,6 +150,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_size_limit = Gauge(
+            "streamer_batch_size_limit",
+            "The size limit of the batch being filled: max_batch_size, or the size the"
+            " latency-target policy chose.",
+            registry=r,
+        )
+        self.latency_headroom = Gauge(
+            "streamer_latency_target_headroom_seconds",
+            "latency_target_ms minus the observed p99 end-to-end latency (negative: the"
+            " target is missed); 0 until measured or without a target.",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "streamer_in_flight_records", "Records holding an in-flight permit.", registry=r
         )

@@ -1,7 +1,10 @@
-"""Dynamic batching: gather items until ``max_batch_size`` or ``max_batch_delay_ms``.
+"""Dynamic batching: gather items until the batch is full or has waited long enough.
 
 Each ``submit`` gets its own future. A batch is dispatched when it is full, or
-when its first item has waited ``max_batch_delay_ms``, whichever comes first.
+when its first item has waited its fill time, whichever comes first. The policy
+(``batch_policy``) says what full and long enough are: ``max_batch_size`` and
+``max_batch_delay_ms`` by default, or sizes and waits chosen for a latency target
+from measured batch times and the ``backlog`` (items on their way here).
 At most ``max_concurrent_batches`` run at once; while they run, new items keep
 accumulating, so batches grow under load and stay small (low latency) when idle.
 
@@ -17,6 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from streamer.pipeline.batch_policy import BatchPolicy, FixedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ class _Item(Generic[T, R]):
 class BatchInfo:
     size: int
     fill_s: float  # first item enqueued -> dispatched
+    limit: int = 0  # the size limit the policy set for this batch
 
 
 class Batcher(Generic[T, R]):
@@ -46,12 +52,15 @@ class Batcher(Generic[T, R]):
         max_batch_delay_ms: float,
         max_concurrent_batches: int = 1,
         on_dispatch: Callable[[BatchInfo], None] | None = None,
+        policy: BatchPolicy | None = None,
+        backlog: Callable[[], int] = lambda: 0,
     ) -> None:
         if max_batch_size < 1 or max_concurrent_batches < 1:
             raise ValueError("batch size and concurrency must be at least 1")
         self._run_batch = run_batch
-        self._max_size = max_batch_size
-        self._max_delay_s = max_batch_delay_ms / 1000.0
+        self._policy = policy or FixedPolicy(max_batch_size, max_batch_delay_ms / 1000.0)
+        self._backlog = backlog
+        self._max_size = max_batch_size  # the size limit of the batch being filled
         self._slots = asyncio.Semaphore(max_concurrent_batches)
         self._on_dispatch = on_dispatch
         self._pending: list[_Item[T, R]] = []
@@ -102,7 +111,11 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         while True:
             await self._nonempty.wait()
-            deadline = self._pending[0].enqueued + self._max_delay_s
+            queued, backlog = len(self._pending), self._backlog()
+            self._max_size = self._policy.size_limit(queued, backlog)
+            if queued >= self._max_size:
+                self._full.set()
+            deadline = self._pending[0].enqueued + self._policy.fill_wait_s(queued, backlog)
             while len(self._pending) < self._max_size:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -120,7 +133,9 @@ class Batcher(Generic[T, R]):
             if not self._pending:
                 self._nonempty.clear()
             if self._on_dispatch is not None:
-                self._on_dispatch(BatchInfo(len(batch), loop.time() - batch[0].enqueued))
+                self._on_dispatch(
+                    BatchInfo(len(batch), loop.time() - batch[0].enqueued, self._max_size)
+                )
             task = asyncio.create_task(self._execute(batch), name="batch")
             self._running.add(task)
             task.add_done_callback(self._running.discard)

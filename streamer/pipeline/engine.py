@@ -45,6 +45,7 @@ from streamer.errors import (
     WorkerHung,
 )
 from streamer.metrics import Metrics
+from streamer.pipeline.batch_policy import FixedPolicy, LatencyTargetPolicy
 from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.pipeline.deadlines import BatchDeadlines
 from streamer.schemas import ModelInfo
@@ -112,6 +113,18 @@ class Engine:
         self.inference: WorkerPool | None = None
         self._batcher: Batcher[BatchEntry, _Result] | None = None
         self.deadlines = BatchDeadlines(settings.worker_timeout_s)
+        delay_s = settings.max_batch_delay_ms / 1000.0
+        self.policy: FixedPolicy | LatencyTargetPolicy = (
+            FixedPolicy(settings.max_batch_size, delay_s)
+            if settings.latency_target_ms is None
+            else LatencyTargetPolicy(
+                settings.latency_target_ms / 1000.0,
+                settings.max_batch_size,
+                delay_s,
+                self.deadlines.expected_s,
+            )
+        )
+        self._decoding = 0  # records in the decode stage: the batcher's backlog
 
     async def start(self) -> None:
         try:
@@ -165,6 +178,8 @@ class Engine:
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self.devices),
             on_dispatch=self._on_batch,
+            policy=self.policy,
+            backlog=lambda: self._decoding,
         )
         await self._batcher.start()
 
@@ -214,7 +229,13 @@ class Engine:
         while True:
             try:
                 if entry is None:
-                    seconds, orientation = await self.decoders.submit((slot, length, defer_jpeg))
+                    self._decoding += 1
+                    try:
+                        seconds, orientation = await self.decoders.submit(
+                            (slot, length, defer_jpeg)
+                        )
+                    finally:
+                        self._decoding -= 1
                     decode_s += seconds
                     decoded_at = time.perf_counter()
                     # orientation > 0: a JPEG left encoded for the inference device
@@ -313,3 +334,13 @@ class Engine:
     def _on_batch(self, info: BatchInfo) -> None:
         self.metrics.batch_size.observe(info.size)
         self.metrics.batch_fill_wait.observe(info.fill_s)
+        self.metrics.batch_size_limit.set(info.limit)
+
+    def observe_latency(self, seconds: float) -> None:
+        """A prediction's end-to-end latency, for the latency-target policy."""
+        if isinstance(self.policy, LatencyTargetPolicy):
+            queued = self._batcher.queued if self._batcher is not None else 0
+            self.policy.observe(seconds, lagging=self.policy.lagging(queued, self._decoding))
+            headroom = self.policy.headroom_s
+            if headroom is not None:
+                self.metrics.latency_headroom.set(headroom)

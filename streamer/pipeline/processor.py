@@ -98,7 +98,9 @@ class RecordProcessor:
         m = self._metrics
         m.observe_stage("produce", produce_s)
         if outcome.dead_letter_reason is None:
-            m.observe_stage("end_to_end", time.time() - record.timestamp / 1000.0)
+            end_to_end = time.time() - record.timestamp / 1000.0
+            m.observe_stage("end_to_end", end_to_end)
+            self._engine.observe_latency(end_to_end)
             m.records_predicted.labels(outcome.topic).inc()
         else:
             m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()

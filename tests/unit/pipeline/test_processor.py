@@ -32,6 +32,10 @@ class FakeEngine:
     def __init__(self, error: RecordError | None = None) -> None:
         self.error = error
         self.payloads: list[bytes] = []
+        self.latencies: list[float] = []
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
 
     async def classify(self, payload: bytes) -> Classified:
         self.payloads.append(payload)
@@ -116,3 +120,12 @@ async def test_a_dead_letter_reports_the_attempts_the_engine_made() -> None:
     )
     headers = dict(outcome.headers)
     assert headers[DLQ_REASON] == b"corrupt" and headers[DLQ_ATTEMPTS] == b"3"
+
+
+async def test_a_delivered_prediction_reports_its_end_to_end_latency_to_the_engine() -> None:
+    engine = FakeEngine()
+    p = processor(engine)
+    source = record(IMAGE, [])
+    outcome = await p.process(source, time.perf_counter(), 0.0)
+    p.delivered(source, outcome, 0.001)
+    assert len(engine.latencies) == 1 and 0 <= engine.latencies[0] < 5

@@ -1,0 +1,154 @@
+"""How big a batch is and how long it waits to fill: fixed, or driven by a latency target.
+
+The ``Batcher`` asks its policy two questions for the batch it is filling: how
+many records it may hold (``size_limit``), and how long its oldest record may
+wait for more (``fill_wait_s``). ``FixedPolicy`` answers with the settings
+(``max_batch_size``, ``max_batch_delay_ms``), the behaviour without a target.
+
+``LatencyTargetPolicy`` answers from a p99 end-to-end target (``latency_target_ms``),
+the measured batch-time table ``t(b)`` (the same table the hang deadlines learn,
+``BatchDeadlines.expected_s``) and the backlog (records already on their way to
+the batcher, i.e. being decoded):
+
+1. **Lag: drain.** When the queued records plus the backlog fill a batch of
+   ``max_batch_size``, throughput matters more than the wait of any one record:
+   the batch is the most efficient size the table knows (the largest, unless a
+   smaller measured size has a clearly higher ``b / t(b)``) and waits only for
+   records that are already coming.
+2. **Steady state: fit the budget.** Otherwise a record's latency is roughly
+   its fill wait, the batch running ahead of it on the device, and its own batch:
+   ``fill + 2 t(b)`` must fit the budget. The size is the largest ``b`` with
+   ``2 t(b) <= budget`` and the fill wait is what is left, ``budget - 2 t(b)``,
+   never more than ``max_batch_delay_ms`` (waiting longer than that buys no
+   throughput at a steady rate below capacity).
+3. **Correct from what is observed (AIMD, as Clipper does).** The budget is
+   ``target x factor``. Every ``ADJUST_EVERY`` latencies observed in steady
+   state, the p99 of the last ``WINDOW`` is compared with the target: above it,
+   the factor is cut by ``DECREASE``; below it, it grows by ``INCREASE`` up to 1.
+   Latencies observed while lagging are queueing the policy cannot help, and do
+   not count.
+
+The policy is pure logic over an injected ``t(b)`` and clock: tests drive it with
+a fake table. Its state is owned by the engine's event loop; nothing else changes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+BatchTime = Callable[[int], float | None]  # t(b): seconds a batch of b takes; None: unknown
+
+WINDOW = 512
+ADJUST_EVERY = 64
+DECREASE = 0.8
+INCREASE = 0.05
+MIN_FACTOR = 0.2
+BETTER_BY = 1.05  # a smaller batch drains only if its measured throughput is this much higher
+
+
+class BatchPolicy(Protocol):
+    def size_limit(self, queued: int, backlog: int) -> int: ...
+
+    def fill_wait_s(self, queued: int, backlog: int) -> float: ...
+
+
+class FixedPolicy:
+    """``max_batch_size`` records, or whatever came within ``max_batch_delay_ms``."""
+
+    def __init__(self, max_batch_size: int, max_delay_s: float) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+
+    def size_limit(self, queued: int, backlog: int) -> int:
+        return self.max_batch_size
+
+    def fill_wait_s(self, queued: int, backlog: int) -> float:
+        return self.max_delay_s
+
+
+class LatencyTargetPolicy:
+    def __init__(
+        self,
+        target_s: float,
+        max_batch_size: int,
+        max_delay_s: float,
+        batch_time: BatchTime,
+    ) -> None:
+        if target_s <= 0:
+            raise ValueError("a latency target must be positive")
+        self.target_s = target_s
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._t = batch_time
+        self.factor = 1.0
+        self._latencies: deque[float] = deque(maxlen=WINDOW)
+        self._since_adjust = 0
+        self.p99_s: float | None = None
+        self.chosen_size = max_batch_size  # the last size limit handed out, for the gauge
+
+    @property
+    def budget_s(self) -> float:
+        return self.target_s * self.factor
+
+    @property
+    def headroom_s(self) -> float | None:
+        """Target minus the observed p99 (negative: the target is missed)."""
+        return None if self.p99_s is None else self.target_s - self.p99_s
+
+    def lagging(self, queued: int, backlog: int) -> bool:
+        return queued + backlog >= self.max_batch_size
+
+    def size_limit(self, queued: int, backlog: int) -> int:
+        lagging = self.lagging(queued, backlog)
+        size = self._drain_size() if lagging else self._budget_size()
+        self.chosen_size = size
+        return size
+
+    def fill_wait_s(self, queued: int, backlog: int) -> float:
+        size = self.size_limit(queued, backlog)
+        if self.lagging(queued, backlog):
+            # Only records already being decoded are worth waiting for.
+            return self.max_delay_s if queued < size else 0.0
+        t = self._t(size) or 0.0
+        return max(0.0, min(self.max_delay_s, self.budget_s - 2 * t))
+
+    def observe(self, latency_s: float, *, lagging: bool) -> None:
+        """One record's end-to-end latency; adjusts the budget every ``ADJUST_EVERY``."""
+        if lagging:
+            return
+        self._latencies.append(latency_s)
+        self._since_adjust += 1
+        if self._since_adjust < ADJUST_EVERY:
+            return
+        self._since_adjust = 0
+        ordered = sorted(self._latencies)
+        self.p99_s = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+        if self.p99_s > self.target_s:
+            self.factor = max(MIN_FACTOR, self.factor * DECREASE)
+        else:
+            self.factor = min(1.0, self.factor + INCREASE)
+
+    def _budget_size(self) -> int:
+        """The largest batch whose time, twice over, fits the budget (at least 1)."""
+        for size in range(self.max_batch_size, 1, -1):
+            t = self._t(size)
+            if t is None or 2 * t <= self.budget_s:
+                return size
+        return 1
+
+    def _drain_size(self) -> int:
+        """The most efficient size the table knows: the largest unless a smaller one is
+        clearly faster per record (unknown sizes count as no faster)."""
+        largest = self.max_batch_size
+        t_largest = self._t(largest)
+        if t_largest is None:
+            return largest
+        best, best_rate = largest, largest / t_largest
+        for size in range(largest - 1, 0, -1):
+            t = self._t(size)
+            if t and size / t > best_rate * BETTER_BY:
+                best, best_rate = size, size / t
+        return best

@@ -1,0 +1,118 @@
+"""The latency-target batch policy's decisions, against a fake batch-time table t(b)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from streamer.pipeline import batch_policy
+from streamer.pipeline.batch_policy import FixedPolicy, LatencyTargetPolicy
+from streamer.pipeline.batcher import Batcher
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def linear(b: int) -> float:
+    """A CPU-like table: 10 ms per batch plus 20 ms per image."""
+    return 0.010 + 0.020 * b
+
+
+def policy(target_s: float = 0.5, table=linear, max_batch: int = 32, delay_s: float = 0.05):
+    return LatencyTargetPolicy(target_s, max_batch, delay_s, table)
+
+
+def test_without_a_target_the_settings_decide() -> None:
+    fixed = FixedPolicy(32, 0.01)
+    assert (fixed.size_limit(3, 100), fixed.fill_wait_s(3, 100)) == (32, 0.01)
+
+
+def test_steady_state_picks_the_largest_batch_whose_time_twice_fits_the_budget() -> None:
+    p = policy(target_s=0.5)
+    # 2 * t(12) = 0.5 <= 0.5; 2 * t(13) = 0.54 > 0.5
+    assert p.size_limit(queued=1, backlog=0) == 12
+    # nothing left of the budget for waiting: run what is there
+    assert p.fill_wait_s(queued=1, backlog=0) == 0.0
+
+
+def test_steady_state_waits_what_the_budget_leaves_but_no_more_than_the_delay() -> None:
+    p = policy(target_s=2.0, max_batch=8, delay_s=0.05)  # 2 * t(8) = 0.34: 1.66 s left
+    assert p.size_limit(1, 0) == 8
+    assert p.fill_wait_s(1, 0) == 0.05
+    roomy = policy(target_s=0.4, table=lambda b: 0.1, max_batch=8, delay_s=1.0)
+    assert roomy.fill_wait_s(1, 0) == pytest.approx(0.2)  # 0.4 - 2 * 0.1
+
+
+def test_a_tight_target_means_batches_of_one() -> None:
+    assert policy(target_s=0.05).size_limit(1, 0) == 1
+
+
+def test_under_lag_it_drains_with_the_most_efficient_batch() -> None:
+    p = policy(target_s=0.1)  # the budget alone would say 1
+    assert p.lagging(queued=4, backlog=40)
+    assert p.size_limit(queued=4, backlog=40) == 32  # throughput grows with b here
+    assert p.fill_wait_s(queued=4, backlog=40) == 0.05  # wait for the records being decoded
+    assert p.fill_wait_s(queued=32, backlog=40) == 0.0
+
+    # A table where 16 is clearly faster per image than 32 (e.g. a cache cliff).
+    cliff = {16: 0.3, 32: 1.0}
+    p = policy(table=lambda b: cliff.get(b), max_batch=32)
+    assert p.size_limit(queued=32, backlog=0) == 16
+
+
+def test_with_no_measurement_yet_it_allows_the_largest_batch() -> None:
+    p = policy(table=lambda b: None, target_s=0.5, delay_s=0.05)
+    assert p.size_limit(1, 0) == 32
+    assert p.fill_wait_s(1, 0) == 0.05
+
+
+def test_a_missed_target_shrinks_the_budget_and_a_met_one_grows_it_back() -> None:
+    p = policy(target_s=0.5)
+    assert p.headroom_s is None
+    for _ in range(batch_policy.ADJUST_EVERY):
+        p.observe(0.8, lagging=False)
+    assert p.factor == pytest.approx(batch_policy.DECREASE)
+    assert p.headroom_s == pytest.approx(-0.3)
+    assert p.size_limit(1, 0) == 9  # 2 * t(9) = 0.38 <= 0.4 < 2 * t(10)
+    # Fast again: the budget keeps shrinking while slow ones are in the p99 window,
+    # then grows back additively (one step per ADJUST_EVERY observations).
+    for _ in range(4 * batch_policy.WINDOW):
+        p.observe(0.1, lagging=False)
+    assert p.factor == 1.0
+    assert p.headroom_s == pytest.approx(0.4)
+
+
+def test_latencies_observed_under_lag_do_not_move_the_budget() -> None:
+    p = policy(target_s=0.5)
+    for _ in range(10 * batch_policy.ADJUST_EVERY):
+        p.observe(30.0, lagging=True)  # a backlog being drained: queueing, not batching
+    assert p.factor == 1.0 and p.p99_s is None
+
+
+def test_the_factor_never_falls_below_its_floor() -> None:
+    p = policy(target_s=0.5)
+    for _ in range(50 * batch_policy.ADJUST_EVERY):
+        p.observe(5.0, lagging=False)
+    assert p.factor == pytest.approx(batch_policy.MIN_FACTOR)
+
+
+async def test_the_batcher_dispatches_the_size_the_policy_chose() -> None:
+    batches: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        return list(items)
+
+    # 2 * t(b) <= 0.3 for b <= 3 with t(b) = 0.04 b: steady-state batches of 3, no wait.
+    p = LatencyTargetPolicy(0.3, 8, 0.05, lambda b: 0.04 * b)
+    backlog = 0
+    async with Batcher(
+        run, max_batch_size=8, max_batch_delay_ms=50, policy=p, backlog=lambda: backlog
+    ) as batcher:
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(7))), 2)
+        assert batches == [[0, 1, 2], [3, 4, 5], [6]]
+        batches.clear()
+        backlog = 20  # lag: drain with the largest batch
+        await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(8))), 2)
+    assert batches == [list(range(8))]
