@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     # Model
     weights: str = Field(
         "imagenet",
-        description="imagenet | random[:SEED] | PATH of a ResNet18 state_dict",
+        description="imagenet | random[:SEED] | PATH of a ResNet18 state_dict | null (no"
+        " model: fixed scores, for measuring the host path)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="inference device; auto picks CUDA when available"
@@ -127,6 +128,12 @@ class Settings(BaseSettings):
         False,
         description="add the batch size and per-stage timings (seconds) to every prediction,"
         " for benchmarks and debugging",
+    )
+    null_decode: bool = Field(
+        False,
+        description="benchmarks only: decode workers answer at once without reading the image"
+        " or writing pixels; with --weights null the service measures its host path (Kafka,"
+        " event loop, shared memory, pipes, batching) alone",
     )
     inference_threads: int | None = Field(
         None, ge=1, description="torch CPU threads of the inference worker; unset: torch's choice"

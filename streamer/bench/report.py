@@ -55,6 +55,15 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"(batch {c['best_batch_size']}, {c['threads']} threads)",
             )
         )
+        agreed = c.get("agreement_with_fp32")
+        if agreed:
+            rows.append(
+                (
+                    f"{agreed['precision']} against fp32 ({agreed['images']} images)",
+                    f"top-1 agreement {agreed['top1_agreement'] * 100:.1f}%, largest score"
+                    f" difference {agreed['max_score_difference']:.4f}",
+                )
+            )
     for key, label in (
         ("engine", "(b) engine, no Kafka"),
         ("e2e", "(c) end to end, Kafka"),
@@ -62,6 +71,24 @@ def summary_table(results: dict[str, Any]) -> str:
     ):
         if key in results:
             rows.append((label, f"{results[key]['images_per_s']:.2f} img/s"))
+    host = results.get("host")
+    if host:
+        bare, service = host["bare"], host["service"]
+        per_record = service["main_cpu_ms_per_record"]
+        rows.append(
+            (
+                "host path: bare aiokafka loop",
+                f"{bare['images_per_s']:.0f} rec/s, {bare['cpu_ms_per_record']:.3f} ms CPU/record",
+            )
+        )
+        rows.append(
+            (
+                "host path: service, null model and decode",
+                f"{service['images_per_s']:.0f} rec/s ({host['service_vs_bare']:.2f}x bare), main"
+                f" process {per_record if per_record is None else f'{per_record:.3f}'} ms"
+                " CPU/record",
+            )
+        )
     for fraction, phase in results.get("latency", {}).items():
         rows.append(
             (

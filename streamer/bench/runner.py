@@ -1,6 +1,7 @@
 """Run every benchmark stage in order on this machine and collect one result dict.
 
-Order: (a) ceiling and (b) engine in this process; then fresh topics, the input
+Order: (a) ceiling and (b) engine in this process; the host path (bare aiokafka
+loop, then the service with the null model, on their own topics); then fresh topics, the input
 pre-loaded once; (d) the naive baseline drains the first records; then the
 service starts as a subprocess and (c) drains the whole backlog, followed by the
 steady-rate latency phases and the RSS soak on the same running service; last,
@@ -25,9 +26,11 @@ import psutil
 import torch
 
 from streamer.bench import metrics_cost
+from streamer.bench.agreement import agreement
 from streamer.bench.ceiling import best_of, run_ceiling
 from streamer.bench.e2e import run_naive, run_service_throughput
 from streamer.bench.engine import run_engine
+from streamer.bench.host import run_host
 from streamer.bench.kafka_io import make_topics, preload
 from streamer.bench.latency import run_latency
 from streamer.bench.scale import run_scale
@@ -109,10 +112,18 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
         log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
         results["ceiling"] = sweep_ceiling()
         results["ceiling"]["load_average_after"] = os.getloadavg()
+        if config.precision != "fp32":
+            results["ceiling"]["agreement_with_fp32"] = agreement(
+                config.weights, config.precision, corpus, settings_device(settings)
+            )
     if "engine" in stages:
         log.info("bench (b) engine records=%d", config.engine_records)
         results["engine"] = await run_engine(settings, corpus, config.engine_records)
         results["engine"]["load_average_after"] = os.getloadavg()
+    if "host" in stages:
+        log.info("bench host path records=%d", config.host_records)
+        results["host"] = await run_host(config, corpus, settings.group_id, results_dir)
+        results["host"]["load_average_after"] = os.getloadavg()
     if stages & {"naive", "e2e"}:
         await _kafka_stages(config, settings, corpus, stages, results, results_dir)
     if SCALE_STAGE in stages:

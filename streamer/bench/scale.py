@@ -173,7 +173,7 @@ async def _until(what: str, condition: Any, timeout_s: float, interval_s: float 
     return time.monotonic()
 
 
-def _scrape(settings: Settings) -> str:
+def scrape_metrics(settings: Settings) -> str:
     url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         return str(reply.read().decode())
@@ -227,7 +227,8 @@ async def run_step(
         edge = min(config.max_batch_size * n, records // 10)
         step["aggregate"] = steady_rate([o.appended_ms / 1000 for o in outputs], edge, edge)
         counts = [
-            predicted_total(await asyncio.to_thread(_scrape, x), x.output_topic) for x in fleet
+            predicted_total(await asyncio.to_thread(scrape_metrics, x), x.output_topic)
+            for x in fleet
         ]
         step["predicted_by_instance"] = counts
         step["share_by_instance"] = [c / max(1.0, sum(counts)) for c in counts]

@@ -44,6 +44,17 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "value": soak["rss_change"],
             "met": soak["flat"],
         }
+    host = results.get("host")
+    if host is not None and host["service_vs_bare"] is not None:
+        ratio = host["service_vs_bare"]
+        out["host_vs_bare"] = {"target": ">= 0.80", "value": ratio, "met": ratio >= 0.80}
+        per_record = host["service"]["main_cpu_ms_per_record"]
+        if per_record is not None:
+            out["host_main_cpu_ms_per_record"] = {
+                "target": "<= 0.20",
+                "value": per_record,
+                "met": per_record <= 0.20,
+            }
     if "metrics_cost" in results:
         cost = results["metrics_cost"]["cpu_share_of_machine"]
         out["metrics_cost"] = {"target": "< 0.02", "value": cost, "met": cost < 0.02}

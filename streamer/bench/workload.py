@@ -13,7 +13,7 @@ from streamer import corpus
 from streamer.config import Settings
 
 CORPUS_SIZES = ((500, 375), (224, 224))
-STAGES = ("ceiling", "engine", "naive", "e2e", "latency", "soak")
+STAGES = ("ceiling", "engine", "host", "naive", "e2e", "latency", "soak")
 # Not in the default run (minutes, and meant for the 3-broker cluster): --stages scale.
 SCALE_STAGE = "scale"
 
@@ -38,6 +38,7 @@ class BenchConfig:
     ceiling_min_s: float = 3.0  # per batch size, after one warm-up pass
     ceiling_again_at_end: bool = True  # a second sweep; per batch size the faster counts
     engine_records: int = 400
+    host_records: int = 3000  # the host-path stage (null model): bare loop, then the service
     e2e_records: int = 480
     naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)
@@ -87,6 +88,7 @@ class BenchConfig:
             "ceiling_batch_sizes": (1, 8, 32),
             "ceiling_min_s": 1.5,
             "engine_records": 96,
+            "host_records": 300,
             "e2e_records": 128,
             "naive_records": 16,
             "latency_s": 15.0,

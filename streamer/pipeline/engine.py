@@ -145,7 +145,7 @@ class Engine:
             "decode",
             s.decode_workers,
             decode_worker.main,
-            lambda i: (layout, limits),
+            lambda i: (layout, limits, s.null_decode),
             self.metrics,
             s.worker_start_timeout_s,
             hang_timeout_s=s.worker_timeout_s,

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from streamer.errors import ConfigError
+
+# CPU flags (as /proc/cpuinfo names them) of native bf16 arithmetic: AVX-512 BF16
+# (Cooper Lake, Zen 4 and later) and AMX (Sapphire Rapids and later). Without them
+# torch emulates bf16, which is slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def resolve_devices(requested: str, cuda_devices: int) -> list[str]:
@@ -28,9 +35,35 @@ def cuda_device_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def check_precision(precision: str, device: str) -> None:
-    if precision == "fp16" and not device.startswith("cuda"):
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (empty when /proc/cpuinfo cannot be read)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def check_precision(precision: str, device: str, flags: frozenset[str] | None = None) -> None:
+    """Refuse a precision the device would run slower than fp32, or not at all.
+
+    fp32 runs everywhere and is the default. fp16 needs CUDA. bf16 runs on CUDA,
+    and on a CPU only with native bf16 arithmetic (``NATIVE_BF16_FLAGS``): elsewhere
+    torch emulates it, slower than fp32 and less accurate.
+    """
+    on_cpu = not device.startswith("cuda")
+    if precision == "fp16" and on_cpu:
         raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    if precision == "bf16" and on_cpu:
+        flags = cpu_flags() if flags is None else flags
+        if not flags & NATIVE_BF16_FLAGS:
+            raise ConfigError(
+                "--precision bf16 on this CPU would be emulated (no avx512_bf16 or amx_bf16"
+                " flag in /proc/cpuinfo), slower than fp32: use --precision fp32"
+            )
 
 
 def jpeg_on_device(mode: str, devices: list[str]) -> bool:

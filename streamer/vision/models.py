@@ -6,7 +6,10 @@
                     torch's cache; a clear error when the internet is unreachable);
 * ``random[:SEED]`` seeded random initialisation (default seed 0): meaningless predictions,
                     for tests and benchmarks only, and logged as such;
-* ``PATH``          a ResNet18 ``state_dict`` saved with ``torch.save``.
+* ``PATH``          a ResNet18 ``state_dict`` saved with ``torch.save``;
+* ``null``          no model: the same fixed scores for every image, computed from
+                    nothing (like Triton's identity models). For measuring the host
+                    path (Kafka, decode, shared memory, batching) without inference.
 
 Labels always come from torchvision's ImageNet category list.
 """
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torchvision.models import ResNet, ResNet18_Weights, resnet18
+from torchvision.models import ResNet18_Weights, resnet18
 
 from streamer.errors import ConfigError, ModelLoadError
 
@@ -39,14 +42,14 @@ def imagenet_labels() -> list[str]:
 
 @dataclass(frozen=True)
 class WeightsSpec:
-    kind: Literal["imagenet", "random", "file"]
+    kind: Literal["imagenet", "random", "file", "null"]
     seed: int = 0
     path: str = ""
 
     @classmethod
     def parse(cls, text: str) -> WeightsSpec:
-        if text == "imagenet":
-            return cls("imagenet")
+        if text in ("imagenet", "null"):
+            return cls(text)  # type: ignore[arg-type]
         if text == "random" or text.startswith("random:"):
             _, _, seed = text.partition(":")
             try:
@@ -56,7 +59,8 @@ class WeightsSpec:
         path = Path(text).expanduser()
         if not path.is_file():
             raise ConfigError(
-                f"--weights {text!r}: expected 'imagenet', 'random[:SEED]' or a state_dict file"
+                f"--weights {text!r}: expected 'imagenet', 'random[:SEED]', 'null' or a"
+                " state_dict file"
             )
         return cls("file", path=str(path.resolve()))
 
@@ -76,8 +80,22 @@ def imagenet_unavailable(timeout_s: float = 10.0) -> str | None:
         return f"they are not in {cached.parent} and {url} cannot be reached ({reason})"
 
 
-def build_model(spec: WeightsSpec) -> tuple[ResNet, str]:
+class NullModel(torch.nn.Module):
+    """Fixed logits for every input, whatever it holds: class 0 first, then 1, ... ."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.linspace(1.0, 0.0, classes).unsqueeze(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_buffer("logits").expand(x.shape[0], -1)
+
+
+def build_model(spec: WeightsSpec) -> tuple[torch.nn.Module, str]:
     """Return the model in eval mode and a string naming its weights exactly."""
+    if spec.kind == "null":
+        log.warning("using the NULL model: no inference, the same scores for every image")
+        return NullModel().eval(), "null"
     if spec.kind == "random":
         log.warning("using RANDOM weights (seed %d): predictions are meaningless", spec.seed)
         generator_state = torch.random.get_rng_state()
@@ -105,4 +123,5 @@ def build_model(spec: WeightsSpec) -> tuple[ResNet, str]:
             raise ModelLoadError(f"cannot load a ResNet18 state_dict from {path}: {exc}") from exc
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         identity = f"file:{path.name}:sha256={digest}"
-    return model.eval(), identity
+    model_: torch.nn.Module = model.eval()
+    return model_, identity

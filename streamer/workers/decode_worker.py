@@ -5,6 +5,9 @@ device can take is only checked (limits, allow-list) and probed for its EXIF
 orientation; its pixels are left for the inference worker. A JPEG the device then
 fails to decode comes back here without ``defer_jpeg``: the CPU fallback runs in
 a decode worker, never in the inference worker, so the device does not wait on it.
+
+With ``null`` (the ``null_decode`` setting, for benchmarks) every request is
+answered at once, with no image read and no pixels written.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from streamer.workers.shm import SlotLayout, SlotView
 
 
 def main(
-    requests: Connection, replies: Connection, layout: SlotLayout, limits: DecodeLimits
+    requests: Connection,
+    replies: Connection,
+    layout: SlotLayout,
+    limits: DecodeLimits,
+    null: bool = False,
 ) -> None:
     # SIGINT goes to the whole process group on Ctrl-C; the owner decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -35,6 +42,8 @@ def main(
         """
         slot, length, defer_jpeg = body
         started = time.perf_counter()
+        if null:
+            return 0.0, 0
         try:
             image = open_image(view.payload(slot, length), limits)
             orientation = probe(image) if defer_jpeg else None

@@ -28,6 +28,7 @@ def tiny_config(bootstrap: str) -> BenchConfig:
         max_batch_size=8,
         max_in_flight=16,
         engine_records=16,
+        host_records=48,
         e2e_records=24,
         naive_records=4,
         latency_s=4.0,
@@ -47,6 +48,10 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
     assert saved["engine"]["images_per_s"] > 0
     assert saved["e2e"]["images_per_s"] > 0 and saved["e2e"]["records"] == 24
     assert saved["naive"]["images_per_s"] > 0
+    host = saved["host"]
+    assert host["bare"]["images_per_s"] > 0 and host["bare"]["cpu_ms_per_record"] > 0
+    assert host["service"]["images_per_s"] > 0 and host["service"]["exit_code"] == 0
+    assert host["service_vs_bare"] > 0
     for fraction in ("0.5", "0.9"):
         phase = saved["latency"][fraction]
         assert phase["counted"] > 0
@@ -61,6 +66,8 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
         "p99_at_half_peak",
         "rss_flat",
         "metrics_cost",
+        "host_vs_bare",
+        "host_main_cpu_ms_per_record",
     }
     assert saved["service_exit_code"] == 0
     names = {p.name for p in paths}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.vision.devices import check_precision, resolve_devices
+from streamer.vision.devices import check_precision, cpu_flags, resolve_devices
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,27 @@ def test_cuda_without_a_gpu_is_a_clear_error() -> None:
 
 def test_fp16_needs_cuda() -> None:
     check_precision("fp16", "cuda:0")
-    check_precision("bf16", "cpu")
     with pytest.raises(ConfigError, match="fp16"):
         check_precision("fp16", "cpu")
+
+
+AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx2", "fma"})
+
+
+@pytest.mark.parametrize("native", ["avx512_bf16", "amx_bf16"])
+def test_bf16_on_a_cpu_needs_native_bf16(native: str) -> None:
+    check_precision("bf16", "cpu", AVX2_ONLY | {native})
+    with pytest.raises(ConfigError, match=r"emulated.*--precision fp32"):
+        check_precision("bf16", "cpu", AVX2_ONLY)
+
+
+def test_bf16_on_cuda_and_fp32_anywhere_need_no_cpu_flag() -> None:
+    check_precision("bf16", "cuda:0", frozenset())
+    check_precision("fp32", "cpu", frozenset())
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
