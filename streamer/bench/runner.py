@@ -219,9 +219,60 @@ async def _kafka_stages(
     finally:
         await sampler.stop()
         results["service_exit_code"] = await asyncio.to_thread(service.stop)
+    if "latency" in stages and config.latency_target_ms is not None:
+        results["latency_target"] = await _latency_with_target(
+            config, corpus, results["e2e"]["images_per_s"], results_dir
+        )
     results["metrics_cost"] = metrics_cost.measure(
         results["e2e"]["images_per_s"], config.max_batch_size
     )
+
+
+async def _latency_with_target(
+    config: BenchConfig, corpus: list[bytes], peak: float, results_dir: Path
+) -> dict[str, Any]:
+    """The latency phases again, at the same rates, on a service with ``latency_target_ms``
+    (its own topics and group: nothing queued from the runs before)."""
+    assert config.latency_target_ms is not None
+    settings = service_settings(
+        config,
+        f"{run_prefix()}-target",
+        metrics_port=free_port(),
+        latency_target_ms=config.latency_target_ms,
+    )
+    options = {"bootstrap_servers": config.bootstrap_servers}
+    await make_topics(
+        options,
+        [settings.input_topic, settings.dlq_topic],
+        [settings.output_topic],
+        config.partitions,
+    )
+    service = ServiceProcess(settings, results_dir / "service-target.log")
+    service.start()
+    sampler = MemorySampler(service.pid)
+    await sampler.start()
+    phases: dict[str, Any] = {"target_ms": config.latency_target_ms}
+    try:
+        await service.wait_ready()
+        produced = 0
+        for fraction in config.latency_fractions:
+            log.info(
+                "bench latency with a %.0f ms target at %.0f%% of %.2f/s",
+                config.latency_target_ms,
+                fraction * 100,
+                peak,
+            )
+            phase = await run_latency(
+                service, sampler, options, corpus, fraction * peak,
+                config.latency_s, config.latency_warmup_s, produced,
+            )  # fmt: skip
+            produced = phase["produced_total"]
+            phase["load_average_after"] = os.getloadavg()
+            phases[f"{fraction:g}"] = phase
+    finally:
+        await sampler.stop()
+        phases["service_exit_code"] = await asyncio.to_thread(service.stop)
+    return phases
 
 
 def settings_device(settings: Settings) -> str:

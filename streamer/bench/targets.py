@@ -36,6 +36,17 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "value": half["p99_s"],
             "met": half["p99_s"] <= limit,
         }
+    target = results.get("latency_target")
+    if target is not None:
+        limit_s = target["target_ms"] / 1000
+        for fraction in ("0.9", "0.5"):
+            phase = target.get(fraction)
+            if phase is not None:
+                out[f"p99_with_target_at_{fraction}"] = {
+                    "target": f"<= {limit_s:g} s (--latency-target-ms {target['target_ms']:g})",
+                    "value": phase["p99_s"],
+                    "met": phase["p99_s"] <= limit_s,
+                }
     soak = results.get("soak")
     if soak is not None:
         marks = [p["checkpoint_s"] for p in soak["checkpoints"]]

@@ -42,6 +42,8 @@ class BenchConfig:
     e2e_records: int = 480
     naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)
+    # The same phases again on a second service run with this p99 target (None: skip).
+    latency_target_ms: float | None = 500.0
     latency_s: float = 60.0
     latency_warmup_s: float = 5.0
     soak_s: float = 600.0

@@ -41,12 +41,16 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--engine-records", type=int, default=None)
     parser.add_argument("--e2e-records", type=int, default=None)
     parser.add_argument("--naive-records", type=int, default=None)
+    parser.add_argument(
+        "--host-records", type=int, default=None, help="records of the host-path stage"
+    )
     parser.add_argument("--latency-s", type=float, default=None, help="seconds per latency phase")
     parser.add_argument("--soak-s", type=float, default=None, help="soak duration (full: 600)")
     parser.add_argument(
         "--stages",
         default=None,
-        help="comma-separated subset of ceiling,engine,naive,e2e,latency,soak (default: all)",
+        help="comma-separated subset of ceiling,engine,host,naive,e2e,latency,soak (default:"
+        " all), or scale",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(func=_main)
@@ -68,6 +72,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "engine_records",
         "e2e_records",
         "naive_records",
+        "host_records",
         "latency_s",
         "soak_s",
     ):

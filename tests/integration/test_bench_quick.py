@@ -16,7 +16,7 @@ import pytest
 from streamer.bench import report, runner
 from streamer.bench.workload import BenchConfig
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(420)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def tiny_config(bootstrap: str) -> BenchConfig:
@@ -68,7 +68,11 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
         "metrics_cost",
         "host_vs_bare",
         "host_main_cpu_ms_per_record",
+        "p99_with_target_at_0.9",
+        "p99_with_target_at_0.5",
     }
+    assert saved["latency_target"]["0.9"]["counted"] > 0
+    assert saved["latency_target"]["service_exit_code"] == 0
     assert saved["service_exit_code"] == 0
     names = {p.name for p in paths}
     assert {"results.json", "summary.md", "throughput.png", "latency_cdf.png"} <= names
