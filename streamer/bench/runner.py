@@ -31,7 +31,7 @@ from streamer.bench.ceiling import best_of, run_ceiling
 from streamer.bench.e2e import run_naive, run_service_throughput
 from streamer.bench.engine import run_engine
 from streamer.bench.host import run_host
-from streamer.bench.kafka_io import make_topics, preload
+from streamer.bench.kafka_io import make_topics, preload, wait_for_count
 from streamer.bench.latency import run_latency
 from streamer.bench.scale import run_scale
 from streamer.bench.service import MemorySampler, ServiceProcess
@@ -232,7 +232,9 @@ async def _latency_with_target(
     config: BenchConfig, corpus: list[bytes], peak: float, results_dir: Path
 ) -> dict[str, Any]:
     """The latency phases again, at the same rates, on a service with ``latency_target_ms``
-    (its own topics and group: nothing queued from the runs before)."""
+    (its own topics and group). Like the first service, it first drains a backlog of
+    ``e2e_records``, so both are equally warm (every batch size seen, the batch-time
+    table filled) when the phases start."""
     assert config.latency_target_ms is not None
     settings = service_settings(
         config,
@@ -247,6 +249,7 @@ async def _latency_with_target(
         [settings.output_topic],
         config.partitions,
     )
+    await preload(options, settings.input_topic, corpus, config.e2e_records)
     service = ServiceProcess(settings, results_dir / "service-target.log")
     service.start()
     sampler = MemorySampler(service.pid)
@@ -254,7 +257,10 @@ async def _latency_with_target(
     phases: dict[str, Any] = {"target_ms": config.latency_target_ms}
     try:
         await service.wait_ready()
-        produced = 0
+        await wait_for_count(
+            options, settings.output_topic, config.e2e_records, 600.0, check=service.check_alive
+        )
+        produced = config.e2e_records
         for fraction in config.latency_fractions:
             log.info(
                 "bench latency with a %.0f ms target at %.0f%% of %.2f/s",

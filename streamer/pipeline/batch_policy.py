@@ -15,12 +15,15 @@ the batcher, i.e. being decoded):
    the batch is the most efficient size the table knows (the largest, unless a
    smaller measured size has a clearly higher ``b / t(b)``) and waits only for
    records that are already coming.
-2. **Steady state: fit the budget.** Otherwise a record's latency is roughly
-   its fill wait, the batch running ahead of it on the device, and its own batch:
-   ``fill + 2 t(b)`` must fit the budget. The size is the largest ``b`` with
-   ``2 t(b) <= budget`` and the fill wait is what is left, ``budget - 2 t(b)``,
-   never more than ``max_batch_delay_ms`` (waiting longer than that buys no
-   throughput at a steady rate below capacity).
+2. **Steady state: fit the budget, but keep up.** Otherwise a record's latency is
+   roughly its fill wait, the batch running ahead of it on the device, and its own
+   batch: ``fill + 2 t(b)`` must fit the budget. The size is the largest ``b``
+   with ``2 t(b) <= budget``, unless batches that small cannot keep up with the
+   arrival rate (``b / t(b) < KEEP_UP x rate``, the rate counted over the last
+   ``RATE_WINDOW_S``): then it is the smallest size that can, because a queue that
+   grows misses any target. The fill wait is what is left of the budget,
+   ``budget - 2 t(b)``, never more than ``max_batch_delay_ms`` (waiting longer
+   than that buys no throughput at a steady rate below capacity).
 3. **Correct from what is observed (AIMD, as Clipper does).** The budget is
    ``target x factor``. Every ``ADJUST_EVERY`` latencies observed in steady
    state, the p99 of the last ``WINDOW`` is compared with the target: above it,
@@ -47,9 +50,13 @@ DECREASE = 0.8
 INCREASE = 0.05
 MIN_FACTOR = 0.2
 BETTER_BY = 1.05  # a smaller batch drains only if its measured throughput is this much higher
+KEEP_UP = 1.2  # steady-state batches must serve 1.2x the arrival rate
+RATE_WINDOW_S = 2.0
 
 
 class BatchPolicy(Protocol):
+    def arrived(self, now: float) -> None: ...
+
     def size_limit(self, queued: int, backlog: int) -> int: ...
 
     def fill_wait_s(self, queued: int, backlog: int) -> float: ...
@@ -61,6 +68,9 @@ class FixedPolicy:
     def __init__(self, max_batch_size: int, max_delay_s: float) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+
+    def arrived(self, now: float) -> None:
+        pass
 
     def size_limit(self, queued: int, backlog: int) -> int:
         return self.max_batch_size
@@ -88,6 +98,7 @@ class LatencyTargetPolicy:
         self._since_adjust = 0
         self.p99_s: float | None = None
         self.chosen_size = max_batch_size  # the last size limit handed out, for the gauge
+        self._arrivals: deque[float] = deque()  # submit times within RATE_WINDOW_S
 
     @property
     def budget_s(self) -> float:
@@ -97,6 +108,16 @@ class LatencyTargetPolicy:
     def headroom_s(self) -> float | None:
         """Target minus the observed p99 (negative: the target is missed)."""
         return None if self.p99_s is None else self.target_s - self.p99_s
+
+    def arrived(self, now: float) -> None:
+        """One record reached the batcher at ``now`` (seconds, the batcher's clock)."""
+        self._arrivals.append(now)
+        while self._arrivals and self._arrivals[0] < now - RATE_WINDOW_S:
+            self._arrivals.popleft()
+
+    @property
+    def rate_per_s(self) -> float:
+        return len(self._arrivals) / RATE_WINDOW_S
 
     def lagging(self, queued: int, backlog: int) -> bool:
         return queued + backlog >= self.max_batch_size
@@ -132,12 +153,20 @@ class LatencyTargetPolicy:
             self.factor = min(1.0, self.factor + INCREASE)
 
     def _budget_size(self) -> int:
-        """The largest batch whose time, twice over, fits the budget (at least 1)."""
+        """The largest batch whose time, twice over, fits the budget (at least 1), or
+        the smallest that keeps up with the arrival rate when that one cannot."""
+        fits = 1
         for size in range(self.max_batch_size, 1, -1):
             t = self._t(size)
             if t is None or 2 * t <= self.budget_s:
+                fits = size
+                break
+        needed = KEEP_UP * self.rate_per_s
+        for size in range(fits, self.max_batch_size + 1):
+            t = self._t(size)
+            if t is None or size / t >= needed:
                 return size
-        return 1
+        return self.max_batch_size
 
     def _drain_size(self) -> int:
         """The most efficient size the table knows: the largest unless a smaller one is

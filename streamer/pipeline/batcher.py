@@ -101,6 +101,7 @@ class Batcher(Generic[T, R]):
             raise RuntimeError("batcher is not running")
         loop = asyncio.get_running_loop()
         item: _Item[T, R] = _Item(value, loop.create_future(), loop.time())
+        self._policy.arrived(item.enqueued)
         self._pending.append(item)
         self._nonempty.set()
         if len(self._pending) >= self._max_size:

@@ -116,3 +116,30 @@ async def test_the_batcher_dispatches_the_size_the_policy_chose() -> None:
         backlog = 20  # lag: drain with the largest batch
         await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(8))), 2)
     assert batches == [list(range(8))]
+
+
+def test_batches_the_budget_allows_grow_when_they_cannot_keep_up_with_arrivals() -> None:
+    p = policy(target_s=0.5)  # budget alone: 12 (capacity 12 / 0.25 = 48 per second)
+    for i in range(80):  # 40 per second over the 2 s window: 12 keeps up (48 >= 1.2 x 40)
+        p.arrived(i * 0.025)
+    assert p.rate_per_s == pytest.approx(40, rel=0.05)
+    assert p.size_limit(1, 0) == 12
+    for i in range(120):  # 60 per second: 72 needed, but b / (0.01 + 0.02 b) < 50 for
+        p.arrived(2.0 + i / 60)  # every b: nothing keeps up, so the largest batch
+    assert p.size_limit(1, 0) == 32
+
+
+def test_with_a_fixed_cost_per_batch_the_smallest_size_that_keeps_up_is_chosen() -> None:
+    p = policy(target_s=0.5, table=lambda b: 0.2 + 0.01 * b)  # budget alone: 5 (20 per s)
+    assert p.size_limit(1, 0) == 5
+    for i in range(60):  # 30 per second: 36 needed, b / (0.2 + 0.01 b) >= 36 from b = 12
+        p.arrived(i / 30)
+    assert p.size_limit(1, 0) == 12
+
+
+def test_the_arrival_rate_counts_only_the_last_window() -> None:
+    p = policy()
+    for i in range(10):
+        p.arrived(float(i) / 10)
+    p.arrived(10.0)
+    assert p.rate_per_s == pytest.approx(1 / batch_policy.RATE_WINDOW_S)
