@@ -10,7 +10,9 @@ this machine, in one run:
    records/s and CPU per record of Kafka I/O with nothing else.
 2. **service**: ``streamer run --weights null --null-decode`` drains the same
    records: the inference worker returns fixed scores without computing and the
-   decode workers answer at once, so what is measured is the host path. Its
+   decode workers answer at once, so what is measured is the host path (with one
+   inference thread: the model does nothing, and on a small machine a second
+   OpenMP thread stalls every batch at its barriers; see docs/BENCHMARKS.md). Its
    main process's CPU per record (from ``/proc/<pid>/stat``, counted from the
    moment it is ready, over the records predicted since) is the event loop's cost.
 
@@ -64,6 +66,9 @@ async def run_host(
         dlq_topic=topics["dlq"],
         weights="null",
         null_decode=True,
+        # The null model computes nothing: a second intra-op thread only waits at
+        # barriers for a thread the main process preempted (10x slower measured).
+        inference_threads=1,
         metrics_port=free_port(),
     )
     service = ServiceProcess(settings, results_dir / "host-service.log")

@@ -253,6 +253,8 @@ class WorkerProcess:
             self._watch_task.cancel()
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(WorkerCrashed(self.kind, exitcode))
+            # A start cancelled half way (the pool stopping) no longer awaits it.
+            self._ready.exception()
         self._close_pipes()
         if not noticed:
             return
