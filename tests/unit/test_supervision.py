@@ -288,4 +288,3 @@ async def test_a_request_deadline_is_its_own_and_acted_on_promptly(tmp_path: Pat
         assert victim.hung
     finally:
         await pool.stop()
-
