@@ -81,12 +81,12 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"{bare['images_per_s']:.0f} rec/s, {bare['cpu_ms_per_record']:.3f} ms CPU/record",
             )
         )
+        ratio = host["service_vs_bare"]
         rows.append(
             (
                 "host path: service, null model and decode",
-                f"{service['images_per_s']:.0f} rec/s ({host['service_vs_bare']:.2f}x bare), main"
-                f" process {per_record if per_record is None else f'{per_record:.3f}'} ms"
-                " CPU/record",
+                f"{service['images_per_s']:.0f} rec/s ({_maybe(ratio, '.2f')}x bare), main"
+                f" process {_maybe(per_record, '.3f')} ms CPU/record",
             )
         )
     for fraction, phase in results.get("latency", {}).items():
@@ -155,6 +155,11 @@ def summary_table(results: dict[str, Any]) -> str:
         met = "yes" if t["met"] else "no"
         lines.append(f"| {name}: {t['target']} | {t['value']:.4g} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    """A figure, or "n/a" where the run was too short to measure it."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> Path:
