@@ -22,6 +22,7 @@ import pytest
 from streamer import corpus
 from streamer.schemas import DLQ_REASON, DLQ_STAGE
 from streamer.workers import inference_worker
+from streamer.workers import pool as pool_module
 from streamer.workers.process import WorkerStartError
 from streamer.workers.shm import SHM_DIR
 from tests.integration import fault_workers
@@ -140,8 +141,11 @@ async def test_an_inference_worker_that_dies_at_start_five_times_still_serves(
 
 
 async def test_a_service_whose_inference_worker_can_never_start_stops_loudly_and_cleanly(
-    unique_name, fault
+    unique_name, fault, monkeypatch
 ) -> None:
+    # The backoff's 23.5 s only make the test slower (tests/unit/test_supervision.py
+    # covers the schedule): 8 starts with short pauses.
+    monkeypatch.setattr(pool_module, "RESPAWN_BACKOFF_S", (0.0, 0.1))
     fault("die-always")
     settings = service_settings("127.0.0.1:1", unique_name)  # fails before Kafka is needed
     before = _children()
