@@ -32,8 +32,6 @@ from tests.integration.helpers import (
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(900),
-    # See collect_dropped_connections.
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
 PORT = int(os.environ.get("STREAMER_TEST_RESTART_PORT", "19392"))
@@ -47,8 +45,8 @@ def kafkactl(command: str) -> None:
 # When the broker goes away mid-run, aiokafka drops some of its connections without
 # closing them; they are garbage-collected later, and their ResourceWarnings used to
 # fail whichever test ran the collection (test_contract.py, once). Collect them at
-# the end of each test here, where they come from, and only here let them pass
-# (the module's filterwarnings mark).
+# the end of each test here, where they come from; pyproject.toml lets exactly these
+# ResourceWarnings pass.
 @pytest.fixture(autouse=True)
 def collect_dropped_connections() -> Iterator[None]:
     yield
