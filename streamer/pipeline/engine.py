@@ -5,7 +5,8 @@ batcher, and ``classify`` runs one payload through them:
 
 1. take a slot and copy the payload into it (the caller holds a permit per slot);
 2. a decode worker writes 3x224x224 uint8 pixels into the same slot (or, with
-   JPEGs decoded on the device, only checks a JPEG and leaves it encoded);
+   JPEGs decoded on the device, only checks a JPEG and leaves it encoded); the
+   decodes asked for in one loop turn go to the workers together (``decode_chunks``);
 3. the slot joins a batch; the inference worker decodes the batch's encoded JPEGs
    on the device, reads the other pixels from shared memory and returns top-k
    per slot, within a deadline learned from earlier batches (``deadlines``);
@@ -48,6 +49,7 @@ from streamer.metrics import Metrics
 from streamer.pipeline.batch_policy import FixedPolicy, LatencyTargetPolicy
 from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.pipeline.deadlines import BatchDeadlines
+from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.schemas import ModelInfo
 from streamer.vision.classifier import BatchEntry, BatchResult, InferenceConfig
 from streamer.vision.decode import DecodeLimits
@@ -110,6 +112,7 @@ class Engine:
         self.slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
         self.model_info: ModelInfo | None = None
         self.decoders: WorkerPool | None = None
+        self.decode: DecodeChunks | None = None  # the decoders, a chunk per loop turn
         self.inference: WorkerPool | None = None
         self._batcher: Batcher[BatchEntry, _Result] | None = None
         self.deadlines = BatchDeadlines(settings.worker_timeout_s)
@@ -150,6 +153,7 @@ class Engine:
             s.worker_start_timeout_s,
             hang_timeout_s=s.worker_timeout_s,
         )
+        self.decode = DecodeChunks(self.decoders)
         self.inference = WorkerPool(
             "inference",
             len(self.devices),
@@ -220,7 +224,7 @@ class Engine:
         is no attempt and happens at most once (the entry holds pixels after it); a
         record that hung the worker alone runs alone, and a second such hang is
         ``WorkerHung`` at once; whatever a worker raises leaves as a ``RecordError``."""
-        assert self.decoders is not None and self._batcher is not None
+        assert self.decode is not None and self._batcher is not None
         defer_jpeg = self.device_jpeg
         entry: BatchEntry | None = None  # None: the decode stage is still to run
         decode_s = decoded_at = 0.0
@@ -231,9 +235,7 @@ class Engine:
                 if entry is None:
                     self._decoding += 1
                     try:
-                        seconds, orientation = await self.decoders.submit(
-                            (slot, length, defer_jpeg)
-                        )
+                        seconds, orientation = await self.decode.submit((slot, length, defer_jpeg))
                     finally:
                         self._decoding -= 1
                     decode_s += seconds

@@ -1,4 +1,9 @@
-"""Decode worker process: payload slot in, 3x224x224 uint8 pixel slot out.
+"""Decode worker process: payload slots in, 3x224x224 uint8 pixel slots out.
+
+A request is a chunk: a list of ``(slot, length, defer_jpeg)``
+(``streamer.pipeline.decode_chunks``). The reply has one ``(True, (seconds,
+orientation))`` or ``(False, WireError)`` per request, in order, so a bad image
+fails only itself; anything else raised fails the chunk.
 
 With ``defer_jpeg`` (JPEGs are decoded on the inference device), a JPEG the
 device can take is only checked (limits, allow-list) and probed for its EXIF
@@ -16,9 +21,11 @@ import os
 import signal
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
-from streamer.errors import DecodeError
+from streamer.errors import DecodeError, RecordError
 from streamer.vision.decode import DecodeLimits, decode_opened, open_image, probe
+from streamer.workers import codec
 from streamer.workers.child import serve
 from streamer.workers.shm import SlotLayout, SlotView
 
@@ -33,6 +40,15 @@ def main(
     # SIGINT goes to the whole process group on Ctrl-C; the owner decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     view = SlotView.attach(layout)
+
+    def handle_chunk(body: list[tuple[int, int, bool]]) -> list[tuple[bool, Any]]:
+        answers: list[tuple[bool, Any]] = []
+        for request in body:
+            try:
+                answers.append((True, handle(request)))
+            except RecordError as exc:  # this input's fault: its own answer
+                answers.append((False, codec.to_wire(exc)))
+        return answers
 
     def handle(body: tuple[int, int, bool]) -> tuple[float, int]:
         """(seconds, 0) once the pixels are in the slot; (seconds, EXIF orientation) if deferred.
@@ -58,6 +74,6 @@ def main(
         return time.perf_counter() - started, 0
 
     try:
-        serve(requests, replies, handle, ready_info=os.getpid())
+        serve(requests, replies, handle_chunk, ready_info=os.getpid())
     finally:
         view.close()

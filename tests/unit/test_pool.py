@@ -13,6 +13,7 @@ from PIL import Image
 
 from streamer.errors import DecodeError, WorkerCrashed
 from streamer.metrics import Metrics
+from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.vision.decode import DecodeLimits
 from streamer.workers import decode_worker
 from streamer.workers.pool import WorkerPool
@@ -52,13 +53,13 @@ async def test_decode_worker_writes_pixels_into_the_slot_and_reports_bad_input(d
     pool, slots, _ = decoders
     slot = slots.acquire()
     n = slots.write_payload(slot, png((10, 200, 30)))
-    seconds, deferred = await asyncio.wait_for(pool.submit((slot, n, False)), 30)
+    seconds, deferred = await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, False)), 30)
     assert seconds > 0 and deferred == 0
     assert np.all(slots.view.pixels[slot][:, 0, 0] == [10, 200, 30])
 
     n = slots.write_payload(slot, b"definitely not an image")
     with pytest.raises(DecodeError) as info:
-        await asyncio.wait_for(pool.submit((slot, n, False)), 30)
+        await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, False)), 30)
     assert info.value.reason == "not-an-image"
 
 
@@ -80,7 +81,7 @@ async def test_a_killed_worker_fails_its_requests_and_is_respawned(decoders) -> 
         await asyncio.sleep(0.05)
     print(f"capacity back {loop.time() - started:.2f} s after the kill")
     assert metrics.worker_restarts.labels("decode")._value.get() == 1
-    assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[0] > 0
+    assert (await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, False)), 30))[0] > 0
 
 
 async def _pool(slots: SlotPool, metrics: Metrics, **options) -> WorkerPool:  # type: ignore[no-untyped-def]
@@ -112,7 +113,7 @@ async def test_a_standby_twin_takes_over_at_once_and_is_replaced() -> None:
             print(f"capacity back {loop.time() - killed:.3f} s after the kill")
             slot = slots.acquire()
             n = slots.write_payload(slot, png((4, 5, 6)))
-            assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[
+            assert (await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, False)), 30))[
                 0
             ] > 0  # served by the twin
             while not (pool.standbys[0] and pool.standbys[0].pid not in (victim.pid, twin.pid)):
@@ -140,7 +141,7 @@ async def test_a_hung_worker_is_killed_by_its_watchdog_and_its_request_fails() -
             while not (pool.running and pool.workers[0] is not victim):
                 assert loop.time() - started < 30, "the hung worker was not replaced"
                 await asyncio.sleep(0.05)
-            assert (await asyncio.wait_for(pool.submit((slot, n, False)), 30))[0] > 0
+            assert (await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, False)), 30))[0] > 0
         finally:
             await pool.stop()
 
@@ -171,13 +172,13 @@ async def test_with_device_jpeg_decoding_a_jpeg_is_only_checked_and_left_encoded
     buffer = io.BytesIO()
     Image.new("RGB", (300, 260), (200, 10, 10)).save(buffer, "JPEG")
     n = slots.write_payload(slot, buffer.getvalue())
-    _, orientation = await asyncio.wait_for(pool.submit((slot, n, True)), 30)
+    _, orientation = await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, True)), 30)
     assert orientation == 1  # deferred to the inference worker
     assert np.all(slots.view.pixels[slot] == 7)  # no pixels were written
     n = slots.write_payload(slot, png((200, 10, 10)))
-    _, orientation = await asyncio.wait_for(pool.submit((slot, n, True)), 30)
+    _, orientation = await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, True)), 30)
     assert orientation == 0  # not a JPEG: decoded here
     assert np.all(slots.view.pixels[slot][:, 0, 0] == [200, 10, 10])
     n = slots.write_payload(slot, buffer.getvalue()[:40])
     with pytest.raises(DecodeError):  # limits and headers are still checked here
-        await asyncio.wait_for(pool.submit((slot, n, True)), 30)
+        await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, True)), 30)

@@ -23,6 +23,7 @@ SCRIPT = """
 import asyncio, io, subprocess, sys
 from PIL import Image
 from streamer.metrics import Metrics
+from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.workers import decode_worker
 from streamer.vision.decode import DecodeLimits
 from streamer.workers.pool import WorkerPool
@@ -42,7 +43,7 @@ async def main() -> None:
             Image.new("RGB", (32, 32), (1, 2, 3)).save(image, "PNG")
             slot = slots.acquire()
             n = slots.write_payload(slot, image.getvalue())
-            await pool.submit((slot, n, False))
+            await DecodeChunks(pool).submit((slot, n, False))
             assert list(slots.view.pixels[slot][:, 0, 0]) == [1, 2, 3]
             attach = (
                 "import sys; from streamer.workers.shm import SlotLayout, SlotView; "

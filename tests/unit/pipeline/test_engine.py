@@ -123,7 +123,7 @@ def engine_with(decoders: Any, batches: Any, attempts: int = 3) -> Engine:
     engine = Engine(
         Settings(weights="random:0", device="cpu", max_record_attempts=attempts), Metrics()
     )
-    engine.decoders = decoders
+    engine.decode = decoders
     engine._batcher = batches
     return engine
 

@@ -74,7 +74,7 @@ NOT_RETRIABLE = [
 async def test_a_non_retriable_inference_worker_error_is_a_dead_letter_at_once(
     engine: Engine, error: StreamerError
 ) -> None:
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
     engine.inference = pool = FailingPool(error)  # type: ignore[assignment]
 
     with pytest.raises(RecordError) as caught:
@@ -93,7 +93,7 @@ async def test_a_non_retriable_inference_worker_error_is_a_dead_letter_at_once(
 async def test_a_non_retriable_decode_worker_error_is_a_dead_letter_at_the_decode_stage(
     engine: Engine, error: StreamerError
 ) -> None:
-    engine.decoders = decoders = Decoders(error)  # type: ignore[assignment]
+    engine.decode = decoders = Decoders(error)  # type: ignore[assignment]
     engine.inference = FailingPool()  # type: ignore[assignment]
 
     with pytest.raises(RecordError) as caught:
@@ -108,7 +108,7 @@ async def test_a_non_retriable_decode_worker_error_is_a_dead_letter_at_the_decod
 
 
 async def test_a_retriable_worker_error_is_retried_then_dead_lettered(engine: Engine) -> None:
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
     engine.inference = pool = FailingPool(WorkerError("inference", "KeyError: 'x'"))  # type: ignore[assignment]
 
     with pytest.raises(RetriesExhausted) as caught:
@@ -121,7 +121,7 @@ async def test_a_retriable_worker_error_is_retried_then_dead_lettered(engine: En
 async def test_a_record_error_raised_for_a_whole_batch_is_no_one_records_dead_letter(
     engine: Engine,
 ) -> None:
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
     engine.inference = pool = FailingPool(DecodeError("bad", reason="corrupt"))  # type: ignore[assignment]
 
     with pytest.raises(RetriesExhausted) as caught:
@@ -156,7 +156,7 @@ async def test_a_record_that_makes_the_worker_raise_is_isolated_and_only_it_is_d
 ) -> None:
     """Without halving on errors, the innocent records batched with the poison one
     fail with it on every attempt and are dead-lettered too."""
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
     engine.inference = pool = PoisonPool(poison=2)  # type: ignore[assignment]
     outcomes = await asyncio.gather(
         *(engine._classify_slot(slot, 10) for slot in range(4)), return_exceptions=True

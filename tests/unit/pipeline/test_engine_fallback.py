@@ -74,7 +74,7 @@ async def test_a_jpeg_the_device_rejects_is_decoded_by_a_decode_worker_and_batch
     engine: Engine,
 ) -> None:
     decoders = Decoders()
-    engine.decoders = decoders  # type: ignore[assignment]
+    engine.decode = decoders  # type: ignore[assignment]
     engine.settings = engine.settings.model_copy(update={"max_record_attempts": 1})
 
     result = await engine._classify_slot(UNDECODABLE, LENGTH)
@@ -93,7 +93,7 @@ async def test_a_crash_during_the_cpu_fallback_retries_the_cpu_decode_at_the_dec
     engine: Engine,
 ) -> None:
     decoders = Decoders(crash_first_cpu_decode=True)
-    engine.decoders = decoders  # type: ignore[assignment]
+    engine.decode = decoders  # type: ignore[assignment]
 
     result = await engine._classify_slot(UNDECODABLE, LENGTH)
 

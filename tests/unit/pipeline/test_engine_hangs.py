@@ -149,7 +149,7 @@ async def test_a_record_that_hangs_the_worker_costs_log2_batch_plus_2_deadlines(
     )
     batcher = LoadedBatcher(engine, batch)
     engine._batcher = batcher  # type: ignore[assignment]
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
     await engine._infer(entries(batch))  # the service has been running: batch times are known
     pool.requests.clear()
 
@@ -190,7 +190,7 @@ async def test_a_record_that_hangs_alone_once_then_succeeds_is_classified() -> N
     pool = HangsOnce(clock)
     engine = engine_on(clock, pool, max_record_attempts=3)
     engine._batcher = LoadedBatcher(engine, 1)  # type: ignore[assignment]
-    engine.decoders = Decoders()  # type: ignore[assignment]
+    engine.decode = Decoders()  # type: ignore[assignment]
 
     result = await engine._classify_slot(HOSTILE, 10)
 

@@ -1,0 +1,139 @@
+"""Decode requests made in the same event-loop turn travel to the decode workers together.
+
+One pipe round trip per record costs the event loop more than the decode itself
+when the decode is cheap (a JPEG only probed for the device, or ``null_decode``):
+a pickled request, a write, a reply to read and a future to resolve each time.
+``DecodeChunks.submit`` keeps the per-record call the engine makes, and sends
+every request submitted in one turn of the loop (the records of one fetch start
+in the same turn) as a few chunks: one per running decode worker, at most
+``max_chunk`` records each.
+
+A decode worker answers a chunk with one ``(ok, value)`` per request, in order:
+``(True, (seconds, orientation))`` or ``(False, WireError)`` for an input it
+rejected. Each request's future gets its own answer, so one bad image fails
+only itself.
+
+A chunk that fails as a whole (the worker died, hung, or raised something that is
+not about an input) may have been failed by any of its records. Each of them is
+then sent again alone, so the innocent ones are decoded and the culprit's own
+failure becomes its result; the engine counts that as one attempt. A chunk
+failure is no attempt of anybody's. This mirrors how the engine isolates a
+record that fails an inference batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, Protocol
+
+from streamer.errors import StreamerError
+from streamer.workers import codec
+
+# A request: (slot, payload length, defer_jpeg). A result: (seconds, orientation).
+Request = tuple[int, int, bool]
+Result = tuple[float, int]
+
+MAX_CHUNK = 8  # records per chunk: enough to spread the round trip, small enough to pipeline
+
+
+class Pool(Protocol):
+    @property
+    def running(self) -> list[Any]: ...
+
+    async def submit(self, body: Any, timeout_s: float | None = None) -> Any: ...
+
+
+class DecodeChunks:
+    """The engine's decode stage: ``submit`` one request, answered from a chunk."""
+
+    def __init__(self, pool: Pool, max_chunk: int = MAX_CHUNK) -> None:
+        self.pool = pool
+        self.max_chunk = max_chunk
+        self._pending: list[tuple[Request, asyncio.Future[Result]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  # chunks in flight (strong references)
+
+    async def submit(self, request: Request) -> Result:
+        """Decode one payload; raises what the worker raised for it (module docstring)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Result] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)  # after every request of this turn is in
+        self._pending.append((request, future))
+        return await future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for chunk in self.chunks(pending, len(self.pool.running), self.max_chunk):
+            task = asyncio.create_task(self._run(chunk), name="decode-chunk")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    def chunks(items: list[Any], workers: int, max_chunk: int) -> list[list[Any]]:
+        """``items`` split in order into the fewest near-equal chunks of at most
+        ``max_chunk`` that still give each of ``workers`` workers one."""
+        if not items:
+            return []
+        count = min(len(items), max(workers, 1, math.ceil(len(items) / max_chunk)))
+        size, extra = divmod(len(items), count)
+        out, start = [], 0
+        for i in range(count):
+            end = start + size + (1 if i < extra else 0)
+            out.append(items[start:end])
+            start = end
+        return out
+
+    async def _run(self, chunk: list[tuple[Request, asyncio.Future[Result]]]) -> None:
+        waiting = [(r, f) for r, f in chunk if not f.done()]  # a cancelled record waits no more
+        if not waiting:
+            return
+        try:
+            reply = await self.pool.submit([request for request, _ in waiting])
+            answers = _answers(reply, len(waiting))
+        except StreamerError as exc:
+            if len(waiting) == 1:
+                _settle(waiting[0][1], exception=exc)
+                return
+            # Any of them may have caused it: each alone, so only the culprit fails.
+            await asyncio.gather(*(self._run([item]) for item in waiting))
+            return
+        except asyncio.CancelledError:  # the engine stops: nobody waits for these any more
+            for _, future in waiting:
+                future.cancel()
+            raise
+        for (_, future), answer in zip(waiting, answers, strict=True):
+            if isinstance(answer, codec.WireError):
+                _settle(future, exception=codec.from_wire(answer, "decode"))
+            else:
+                _settle(future, result=answer)
+
+
+def _answers(reply: Any, count: int) -> list[Result | codec.WireError]:
+    """A chunk's reply checked item by item; a malformed one is the worker's fault."""
+    if not isinstance(reply, list) or len(reply) != count:
+        raise codec.ProtocolError(f"a decode worker did not answer its {count} requests")
+    answers: list[Result | codec.WireError] = []
+    for item in reply:
+        match item:
+            case (True, (float() | int() as seconds, int() as orientation)):
+                answers.append((float(seconds), orientation))
+            case (False, codec.WireError() as error):
+                answers.append(error)
+            case _:
+                raise codec.ProtocolError(f"a decode worker answered {item!r:.100}")
+    return answers
+
+
+def _settle(
+    future: asyncio.Future[Result],
+    result: Result | None = None,
+    exception: BaseException | None = None,
+) -> None:
+    if future.done():
+        return
+    if exception is not None:
+        future.set_exception(exception)
+    else:
+        assert result is not None
+        future.set_result(result)
