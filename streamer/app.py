@@ -131,7 +131,9 @@ class Service:
         await self._delivery.start()
         await self._intake.start(RebalanceListener(self._partitions))
         await self.loop_lag.start()
-        self.metrics.free_permits.set(s.max_in_flight)
+        # Read when scraped: counting per record cost the event loop four gauge updates.
+        self.metrics.in_flight.set_function(lambda: len(self._in_flight))
+        self.metrics.free_permits.set_function(lambda: s.max_in_flight - len(self._in_flight))
         self._tasks = [
             asyncio.create_task(self._intake_loop(), name="intake"),
             asyncio.create_task(self._commit_loop(), name="commit"),
@@ -237,7 +239,6 @@ class Service:
                 name=f"record-{record.topic}-{record.partition}-{record.offset}",
             )
             self._in_flight.add(task)
-            self._update_permit_gauges()
 
     async def _handle(
         self, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
@@ -261,7 +262,6 @@ class Service:
         finally:
             self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._permits.release()
-            self._update_permit_gauges()
 
     async def _commit_loop(self) -> None:
         assert self._partitions is not None and self._delivery is not None
@@ -271,11 +271,6 @@ class Service:
             await self._delivery.commit(self._partitions.active())
             self._partitions.update_lag()  # also when nothing moved: a stall must show as lag
             self.metrics.ready.set(int(self.ready))
-
-    def _update_permit_gauges(self) -> None:
-        in_flight = len(self._in_flight)
-        self.metrics.in_flight.set(in_flight)
-        self.metrics.free_permits.set(self.settings.max_in_flight - in_flight)
 
     def _on_background_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -17,6 +17,7 @@ not included in ``process_*``.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -138,6 +139,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        # Label children by label value: looking one up costs more than using it.
+        self._stages: dict[str, Any] = {}  # stage -> its stage_seconds child
+        self._predicted: dict[str, Any] = {}  # topic -> its records_predicted child
         self.batch_size = Histogram(
             "streamer_batch_size",
             "Records per inference batch.",
@@ -261,5 +265,14 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 gauge.remove(topic, str(partition))
 
+    def count_predicted(self, topic: str) -> None:
+        child = self._predicted.get(topic)
+        if child is None:
+            child = self._predicted[topic] = self.records_predicted.labels(topic)
+        child.inc()
+
     def observe_stage(self, stage: str, seconds: float) -> None:
-        self.stage_seconds.labels(stage).observe(max(seconds, 0.0))
+        child = self._stages.get(stage)
+        if child is None:
+            child = self._stages[stage] = self.stage_seconds.labels(stage)
+        child.observe(max(seconds, 0.0))

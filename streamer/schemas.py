@@ -23,9 +23,11 @@ dead-letter header list under ``docs/contract/``; a unit test fails when they dr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -249,6 +251,43 @@ class Prediction(_Frozen):
     def to_json(self) -> bytes:
         """The record value: optional fields that are not set are left out."""
         return self.model_dump_json(exclude_none=True).encode()
+
+
+def prediction_json(
+    input_id: str,
+    source: tuple[str, int, int, int],
+    model: dict[str, str],
+    top_k: Sequence[tuple[int, str, float]],
+    batch_size: int | None = None,
+    timings_ms: dict[str, float] | None = None,
+) -> bytes:
+    """A ``Prediction``'s record value, built for the hot path without a model.
+
+    The same JSON as ``Prediction(...).to_json()`` (tests/unit/test_schemas.py
+    compares the two, field by field): ``source`` is (topic, partition, offset,
+    timestamp), ``model`` a ``ModelInfo`` dump, ``top_k`` (index, label, score);
+    ``batch_size`` and ``timings_ms`` (the ``Timings`` fields) only when given.
+    Validating a model per record cost the event loop more than the JSON itself;
+    orjson writes a score that is not a number as null, as pydantic does.
+    """
+    topic, partition, offset, timestamp = source
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "id": input_id,
+        "source": {
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "timestamp": timestamp,
+        },
+        "model": model,
+        "top_k": [{"index": i, "label": label, "score": score} for i, label, score in top_k],
+    }
+    if batch_size is not None:
+        doc["batch_size"] = batch_size
+    if timings_ms is not None:
+        doc["timings"] = timings_ms
+    return orjson.dumps(doc)
 
 
 def header(headers: Headers | None, name: str) -> bytes | None:

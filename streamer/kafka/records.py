@@ -32,6 +32,7 @@ can drop it. A dead letter is not a new event; it keeps the input's headers as t
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -152,7 +153,16 @@ def event_id(group: str, record: Record, kind: str = "prediction") -> str:
     on it), another group or another record gets another.
     """
     name = f"{group}/{record.topic}/{record.partition}/{record.offset}/{kind}"
-    return str(uuid.uuid5(EVENT_ID_NAMESPACE, name))
+    return uuid5(EVENT_ID_NAMESPACE, name)
+
+
+def uuid5(namespace: uuid.UUID, name: str) -> str:
+    """``str(uuid.uuid5(namespace, name))`` at a third of its cost (once per output)."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode("utf-8")).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _now() -> datetime:

@@ -32,9 +32,9 @@ from streamer.kafka.records import (
     too_large_dead_letter,
 )
 from streamer.metrics import Metrics
-from streamer.pipeline.engine import Classified, Engine
+from streamer.pipeline.engine import Engine
 from streamer.pipeline.envelope import Envelope, is_structured, open_envelope
-from streamer.schemas import SCHEMA_VERSION, Label, Prediction, Source, Timings
+from streamer.schemas import prediction_json
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ class RecordProcessor:
         self._engine = engine
         self._metrics = metrics
         self._labels = labels
+        assert engine.model_info is not None, "the engine is started first"
+        self._model = engine.model_info.model_dump()
 
     async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> Outcome:
         """Classify the record; return its prediction, or its dead letter."""
@@ -83,7 +85,7 @@ class RecordProcessor:
             if error is not None:
                 raise error
             envelope = await self._open(record)
-            result = await self._classify(record, envelope, fetched_at, permit_wait_s)
+            value = await self._classify(record, envelope, fetched_at, permit_wait_s)
         except RecordError as error:
             return self._dead_letter(record, error)
         c = self._config
@@ -91,7 +93,7 @@ class RecordProcessor:
             record, c.group_id, c.event_source, envelope.id, envelope.traceparent
         )
         too_large = too_large_dead_letter(record, c.dlq_topic, c.group_id)
-        return prediction(record, c.output_topic, result.to_json(), too_large, event)
+        return prediction(record, c.output_topic, value, too_large, event)
 
     def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
         """Count an outcome once it is durable (acked, or committed in a transaction)."""
@@ -101,7 +103,7 @@ class RecordProcessor:
             end_to_end = time.time() - record.timestamp / 1000.0
             m.observe_stage("end_to_end", end_to_end)
             self._engine.observe_latency(end_to_end)
-            m.records_predicted.labels(outcome.topic).inc()
+            m.count_predicted(outcome.topic)
         else:
             m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()
 
@@ -113,7 +115,8 @@ class RecordProcessor:
 
     async def _classify(
         self, record: Record, envelope: Envelope, fetched_at: float, permit_wait_s: float
-    ) -> Prediction:
+    ) -> bytes:
+        """The prediction's JSON (``schemas.Prediction``, built by ``prediction_json``)."""
         result = await self._engine.classify(envelope.image)
         now = time.perf_counter()
         kafka_s = max(0.0, time.time() - record.timestamp / 1000.0 - (now - fetched_at))
@@ -123,37 +126,23 @@ class RecordProcessor:
         m.observe_stage("decode", result.decode_s)
         m.observe_stage("batch_wait", result.batch_wait_s)
         m.observe_stage("inference", result.forward_s)
-        timings = Timings(
-            kafka_ms=kafka_s * 1000,
-            permit_wait_ms=permit_wait_s * 1000,
-            decode_ms=result.decode_s * 1000,
-            batch_wait_ms=result.batch_wait_s * 1000,
-            inference_ms=result.forward_s * 1000,
-            total_ms=(kafka_s + now - fetched_at) * 1000,
-        )
-        return self._prediction(record, envelope.id, result, timings)
-
-    def _prediction(
-        self, record: Record, input_id: str, result: Classified, timings: Timings
-    ) -> Prediction:
-        assert self._engine.model_info is not None
-        extra = self._config.include_timings
-        return Prediction(
-            schema_version=SCHEMA_VERSION,
-            id=input_id,
-            source=Source(
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                timestamp=record.timestamp,
-            ),
-            model=self._engine.model_info,
-            top_k=[
-                Label(index=i, label=self._labels[i], score=s)
-                for i, s in zip(result.indices, result.scores, strict=True)
-            ],
-            batch_size=result.batch_size if extra else None,
-            timings=timings if extra else None,
+        timings = None
+        if self._config.include_timings:
+            timings = {
+                "kafka_ms": kafka_s * 1000,
+                "permit_wait_ms": permit_wait_s * 1000,
+                "decode_ms": result.decode_s * 1000,
+                "batch_wait_ms": result.batch_wait_s * 1000,
+                "inference_ms": result.forward_s * 1000,
+                "total_ms": (kafka_s + now - fetched_at) * 1000,
+            }
+        return prediction_json(
+            envelope.id,
+            (record.topic, record.partition, record.offset, record.timestamp),
+            self._model,
+            [(i, self._labels[i], s) for i, s in zip(result.indices, result.scores, strict=True)],
+            result.batch_size if timings is not None else None,
+            timings,
         )
 
     def _dead_letter(self, record: Record, error: RecordError) -> Outcome:

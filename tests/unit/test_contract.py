@@ -131,3 +131,49 @@ def test_the_docs_name_only_reasons_that_exist(doc: str, heading: str) -> None:
     not_reasons = headers | {"at-least-once", "exactly-once", "streamer-replayed-from"}
     unknown = codes - set(DEAD_LETTER_REASONS) - not_reasons
     assert not unknown, f"{doc} names reasons the code never gives: {sorted(unknown)}"
+
+
+MODEL = schemas.ModelInfo(name="resnet18", weights="random:0", device="cpu", precision="fp32")
+TIMINGS = schemas.Timings(
+    kafka_ms=1.5,
+    permit_wait_ms=0.0,
+    decode_ms=2.25,
+    batch_wait_ms=1e-06,
+    inference_ms=30.0,
+    total_ms=35.0,
+)
+
+
+@pytest.mark.parametrize(
+    ("input_id", "scores", "extra"),
+    [
+        ("in/0/3", [0.9, 0.1], False),
+        ('ünïcode-id \u2603 "quoted" \\ \n', [1.0, 0.0], True),
+        ("nan", [float("nan"), float("inf")], False),
+    ],
+)
+def test_the_hot_path_json_is_the_prediction_model_s_json(
+    input_id: str, scores: list[float], extra: bool
+) -> None:
+    """``prediction_json`` (no model per record) writes what ``Prediction.to_json`` writes."""
+    labels = ["tench", "goldfish"]
+    fast = schemas.prediction_json(
+        input_id,
+        ("in", 2, 3, 1700000000000),
+        MODEL.model_dump(),
+        [(i, labels[i], s) for i, s in enumerate(scores)],
+        batch_size=8 if extra else None,
+        timings_ms=TIMINGS.model_dump() if extra else None,
+    )
+    model = Prediction(
+        schema_version=1,
+        id=input_id,
+        source=schemas.Source(topic="in", partition=2, offset=3, timestamp=1700000000000),
+        model=MODEL,
+        top_k=[schemas.Label(index=i, label=labels[i], score=s) for i, s in enumerate(scores)],
+        batch_size=8 if extra else None,
+        timings=TIMINGS if extra else None,
+    ).to_json()
+    assert json.loads(fast) == json.loads(model)
+    assert list(json.loads(fast)) == list(json.loads(model))  # the same fields, in order
+    fast.decode("utf-8")  # UTF-8, like the model's

@@ -10,6 +10,8 @@ import jsonschema
 import pytest
 from aiokafka import ConsumerRecord
 from cloudevents.core.bindings.kafka import KafkaMessage, from_binary_event
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamer.contract import CONTRACT_DIR
 from streamer.errors import (
@@ -30,6 +32,7 @@ from streamer.kafka.records import (
     prediction,
     smaller,
     too_large_dead_letter,
+    uuid5,
 )
 from streamer.schemas import (
     DLQ_ATTEMPTS,
@@ -135,6 +138,11 @@ def test_the_output_id_is_the_same_for_a_reprocessed_record_and_new_otherwise() 
         event_id("g", record(), kind="other"),
     }
     assert first not in others and len(others) == 3
+
+
+@given(namespace=st.uuids(), name=st.text())
+def test_the_fast_uuid5_is_the_standard_librarys(namespace: uuid.UUID, name: str) -> None:
+    assert uuid5(namespace, name) == str(uuid.uuid5(namespace, name))
 
 
 def test_without_a_ce_id_the_subject_is_where_the_input_came_from() -> None:
