@@ -32,8 +32,10 @@ can drop it. A dead letter is not a new event; it keeps the input's headers as t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TypeAlias
@@ -101,8 +103,9 @@ class Outcome:
     key: bytes | None
     headers: Headers
     dead_letter_reason: str | None = None  # None: a prediction
-    # What a prediction becomes when the output topic rejects it as too large.
-    too_large: Outcome | None = None
+    # What a prediction becomes when the output topic rejects it as too large: built
+    # only then (it is rare, and building it for every output cost the event loop).
+    too_large: Callable[[], Outcome] | None = None
 
 
 def smaller(outcome: Outcome) -> Outcome:
@@ -110,7 +113,7 @@ def smaller(outcome: Outcome) -> Outcome:
     if outcome.dead_letter_reason is None:
         if outcome.too_large is None:
             raise OutputRejected("a prediction was rejected as too large and has no dead letter")
-        return outcome.too_large
+        return outcome.too_large()
     if outcome.value is not None:
         size = str(len(outcome.value)).encode()
         headers = [*outcome.headers, (DLQ_VALUE_DROPPED_BYTES, size)]
@@ -169,6 +172,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+_SPECVERSION = SPECVERSION.encode()
+_JSON_CONTENT_TYPE = JSON_CONTENT_TYPE.encode()
+
+
+def ce_time(when: datetime) -> bytes:
+    """RFC 3339 in UTC with milliseconds: ``2026-01-02T03:04:05.678Z``."""
+    utc = when.astimezone(UTC)
+    return b"%s.%03dZ" % (_to_the_second(utc.replace(microsecond=0)), utc.microsecond // 1000)
+
+
+@functools.lru_cache(maxsize=4)
+def _to_the_second(when: datetime) -> bytes:  # once a second, not once an output
+    return when.strftime("%Y-%m-%dT%H:%M:%S").encode()
+
+
 @dataclass(frozen=True)
 class OutputEvent:
     """The CloudEvents context of one prediction, written as binary-mode headers."""
@@ -197,15 +215,14 @@ class OutputEvent:
         return cls(event_id(group, record), source, subject, traceparent or None)
 
     def headers(self) -> Headers:
-        when = self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         headers: Headers = [
-            (CE_SPECVERSION, SPECVERSION.encode()),
+            (CE_SPECVERSION, _SPECVERSION),
             (CE_ID, self.id.encode()),
             (CE_SOURCE, self.source.encode()),
             (CE_TYPE, self.type.encode()),
             (CE_SUBJECT, self.subject.encode("utf-8", errors="replace")),
-            (CE_TIME, when.encode()),
-            (HEADER_CONTENT_TYPE, JSON_CONTENT_TYPE.encode()),
+            (CE_TIME, ce_time(self.time)),
+            (HEADER_CONTENT_TYPE, _JSON_CONTENT_TYPE),
         ]
         if self.traceparent:
             headers.append((HEADER_TRACEPARENT, self.traceparent))
@@ -216,15 +233,19 @@ def prediction(
     record: Record,
     topic: str,
     value: bytes,
-    dead_letter: Outcome,
+    dead_letter_topic: str,
+    group: str = "",
     event: OutputEvent | None = None,
 ) -> Outcome:
     """The prediction's message: the input's key, the event's headers (module docstring).
 
     Nothing else of the input's headers is copied: its ``ce_id`` becomes ``ce_subject``.
+    Should the output topic reject it as too large, it becomes the record's dead letter
+    in ``dead_letter_topic`` (``smaller``).
     """
     event = event or OutputEvent.for_record(record)
-    return Outcome(topic, value, record.key, event.headers(), too_large=dead_letter)
+    too_large = functools.partial(too_large_dead_letter, record, dead_letter_topic, group)
+    return Outcome(topic, value, record.key, event.headers(), too_large=too_large)
 
 
 def dead_letter(record: Record, error: RecordError, topic: str, group: str = "") -> Outcome:

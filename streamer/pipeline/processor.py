@@ -29,7 +29,6 @@ from streamer.kafka.records import (
     dead_letter,
     metadata_error,
     prediction,
-    too_large_dead_letter,
 )
 from streamer.metrics import Metrics
 from streamer.pipeline.engine import Engine
@@ -92,8 +91,7 @@ class RecordProcessor:
         event = OutputEvent.for_record(
             record, c.group_id, c.event_source, envelope.id, envelope.traceparent
         )
-        too_large = too_large_dead_letter(record, c.dlq_topic, c.group_id)
-        return prediction(record, c.output_topic, value, too_large, event)
+        return prediction(record, c.output_topic, value, c.dlq_topic, c.group_id, event)
 
     def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
         """Count an outcome once it is durable (acked, or committed in a transaction)."""

@@ -75,7 +75,7 @@ def test_metadata_at_its_limits_is_accepted() -> None:
 
 def test_a_rejected_output_shrinks_one_step_at_a_time_until_nothing_is_left() -> None:
     source = record()
-    output = prediction(source, "out", b"{}", too_large_dead_letter(source, "dlq"))
+    output = prediction(source, "out", b"{}", "dlq")
     steps = [output]
     with pytest.raises(OutputRejected, match=r"max\.message\.bytes"):
         while True:
@@ -101,7 +101,7 @@ def as_dict(headers: list[tuple[str, bytes]]) -> dict[str, str]:
 def test_a_prediction_is_a_binary_mode_cloudevent_about_its_input() -> None:
     source = record(headers=[("ce_id", b"a"), ("traceparent", b"t"), ("secret", b"s")])
     event = OutputEvent.for_record(source, "group", "streamer/group")
-    output = prediction(source, "out", b'{"x": 1}', too_large_dead_letter(source, "dlq"), event)
+    output = prediction(source, "out", b'{"x": 1}', "dlq", event=event)
     headers = dict(output.headers)
     assert headers["ce_id"] != b"a", "the output is a new event: it has its own id"
     assert headers["ce_subject"] == b"a"

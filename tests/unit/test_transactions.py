@@ -13,7 +13,7 @@ from aiokafka.structs import TopicPartition
 from streamer.config import Settings
 from streamer.errors import DeliveryAbandoned
 from streamer.kafka.partitions import LeaseState, PartitionLease
-from streamer.kafka.records import Outcome, prediction, too_large_dead_letter
+from streamer.kafka.records import Outcome, prediction
 from streamer.kafka.transactions import PartitionWriter
 from streamer.metrics import Metrics
 from streamer.schemas import DLQ_VALUE_DROPPED_BYTES
@@ -187,7 +187,7 @@ async def test_a_prediction_the_topic_rejects_is_committed_as_its_dead_letter(
     writer, lease = await writer_for(broker, [])
     broker.reject_large_values = 100
     source = ConsumerRecord("in", 0, 0, 0, 0, b"k", b"image", None, 0, 0, ())
-    big = prediction(source, "out", b"x" * 500, too_large_dead_letter(source, "dlq"))
+    big = prediction(source, "out", b"x" * 500, "dlq")
     written = await asyncio.wait_for(writer.deliver(lease.start(0), big), 5)
     assert written.dead_letter_reason == "output-too-large"
     assert broker.transactions == [([b"image"], {TP: 1})]
