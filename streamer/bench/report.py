@@ -71,6 +71,19 @@ def summary_table(results: dict[str, Any]) -> str:
     ):
         if key in results:
             rows.append((label, f"{results[key]['images_per_s']:.2f} img/s"))
+    e2e = results.get("e2e", {})
+    if "steady" in e2e:
+        rows.append(
+            ("(c) steady state (first 20% left out)", f"{e2e['steady']['images_per_s']:.2f} img/s")
+        )
+    if "from_ready_images_per_s" in e2e:
+        rows.append(
+            (
+                f"(c) cold start: {e2e['records']:.0f} records from ready",
+                f"{e2e['from_ready_images_per_s']:.2f} img/s ({e2e['from_ready_s']:.1f} s;"
+                f" ready after {e2e.get('ready_s', 0):.1f} s)",
+            )
+        )
     host = results.get("host")
     if host:
         bare, service = host["bare"], host["service"]

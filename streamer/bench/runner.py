@@ -178,8 +178,11 @@ async def _kafka_stages(
     await sampler.start()
     try:
         ready_s = await service.wait_ready()
+        ready_at = time.time()
         log.info("bench (c) end to end records=%d", config.e2e_records)
-        results["e2e"] = await run_service_throughput(service, sampler, options, config.e2e_records)
+        results["e2e"] = await run_service_throughput(
+            service, sampler, options, config.e2e_records, ready_at
+        )
         results["e2e"]["ready_s"] = ready_s
         results["e2e"]["load_average_after"] = os.getloadavg()
         peak = results["e2e"]["images_per_s"]

@@ -24,6 +24,18 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if e2e is not None and "ceiling" in results:
         ratio = e2e / results["ceiling"]["images_per_s"]
         out["e2e_vs_ceiling"] = {"target": ">= 0.90", "value": ratio, "met": ratio >= 0.90}
+    if e2e is not None and "ceiling" in results:
+        ceiling = results["ceiling"]["images_per_s"]
+        steady = results["e2e"]["steady"]["images_per_s"] / ceiling
+        out["e2e_steady_vs_ceiling"] = {"target": ">= 0.85", "value": steady, "met": steady >= 0.85}
+        cold = results["e2e"].get("from_ready_images_per_s")
+        if cold is not None:
+            ratio = cold / ceiling
+            out["e2e_cold_start_vs_ceiling"] = {
+                "target": ">= 0.75 (every record, from ready)",
+                "value": ratio,
+                "met": ratio >= 0.75,
+            }
     if e2e is not None and "naive" in results:
         ratio = e2e / results["naive"]["images_per_s"]
         out["e2e_vs_naive"] = {"target": ">= 3.0", "value": ratio, "met": ratio >= 3.0}

@@ -47,6 +47,11 @@ from streamer.workers.supervisor import Backoff, Role
 
 log = logging.getLogger(__name__)
 
+
+def serving(worker: WorkerProcess | None) -> bool:
+    return worker is not None and worker.state is WorkerState.RUNNING
+
+
 RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by consecutive failures; the last one repeats
 MAX_FAILED_STARTS = 8  # 0 + 0.5 + 1 + 2 + 5 * 4 = 23.5 s of backoff before giving up
 
@@ -113,30 +118,51 @@ class WorkerPool:
         Returns once every index runs a worker, or once some do and the others
         have failed ``MAX_FAILED_STARTS`` starts (they keep retrying in the
         background). Raises ``WorkerStartError`` when none can be started.
-        Standbys start in the background: the service is ready without them.
+
+        Then the standbys start, and ``start`` waits for each one's first start to
+        end (started or failed; a failed one keeps retrying in the background and
+        never fails the pool). So no model loads while the service serves its first
+        records: a standby loading then took CPU from the worker serving them
+        (issue 11's cold start). One after the other, the two loads do not slow
+        each other down either.
         """
         self.failed = asyncio.get_running_loop().create_future()
-        for index in range(len(self.workers)):
-            self._ensure_chain(index, Role.MAIN)
         try:
-            while True:
-                self._progress.clear()
-                if self.failed.done():
-                    self.failed.result()  # raises the reason
-                if self._stopping:
-                    raise WorkerStartError(f"the {self.kind} pool stopped while it started")
-                if self.running and all(
-                    w.state is WorkerState.RUNNING or self._gave_up(i)
-                    for i, w in enumerate(self.workers)
-                ):
-                    break
-                await self._progress.wait()
+            for index in range(len(self.workers)):
+                self._ensure_chain(index, Role.MAIN)
+            await self._wait_until(self._workers_up)
+            if self._standby:
+                for index in range(len(self.workers)):
+                    self._ensure_chain(index, Role.STANDBY)
+                await self._wait_until(self._standbys_tried)
         except BaseException:
             await self.stop()
             raise
-        if self._standby:
-            for index in range(len(self.workers)):
-                self._ensure_chain(index, Role.STANDBY)
+
+    async def _wait_until(self, condition: Callable[[], bool]) -> None:
+        assert self.failed is not None
+        while True:
+            self._progress.clear()
+            if self.failed.done():
+                self.failed.result()  # raises the reason
+            if self._stopping:
+                raise WorkerStartError(f"the {self.kind} pool stopped while it started")
+            if condition():
+                return
+            await self._progress.wait()
+
+    def _workers_up(self) -> bool:
+        """Every index runs a worker, or some do and the others gave up."""
+        return bool(self.running) and all(
+            w.state is WorkerState.RUNNING or self._gave_up(i) for i, w in enumerate(self.workers)
+        )
+
+    def _standbys_tried(self) -> bool:
+        """Every standby's first start has ended: it runs, or it failed (and retries)."""
+        return all(
+            serving(self.standbys[i]) or self._backoffs[(i, Role.STANDBY)].failures > 0
+            for i in range(len(self.workers))
+        )
 
     async def submit(self, body: Any, timeout_s: float | None = None) -> Any:
         """Run ``body`` on the least-loaded worker, waiting while none is running.

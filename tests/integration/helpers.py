@@ -117,6 +117,9 @@ def service_settings(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
         "max_batch_size": 16,
         "max_batch_delay_ms": 20,
         "decode_workers": 1,
+        # A standby is one more model to load before a service is ready (issue 11);
+        # the tests of worker deaths, where it matters, turn it on.
+        "inference_standby": False,
         "commit_interval_ms": 200,
         "drain_timeout_s": 30,
     }

@@ -39,7 +39,12 @@ async def _kill_inference_during_run(
     delivery: str,
 ) -> None:
     settings = service_settings(
-        kafka_bootstrap, unique_name, max_batch_size=8, max_record_attempts=5, delivery=delivery
+        kafka_bootstrap,
+        unique_name,
+        inference_standby=True,
+        max_batch_size=8,
+        max_record_attempts=5,
+        delivery=delivery,
     )
     await new_topics("in", "out", "dlq", partitions=3)
     async with running_service(settings) as service:

@@ -122,7 +122,9 @@ async def test_an_inference_worker_that_dies_at_start_five_times_still_serves(
     kafka_bootstrap, kafka_options, unique_name, new_topics, samples, fault
 ) -> None:
     state = fault("die-at-start")
-    settings = service_settings(kafka_bootstrap, unique_name, max_batch_size=8)
+    settings = service_settings(
+        kafka_bootstrap, unique_name, inference_standby=True, max_batch_size=8
+    )
     await new_topics("in", "out", "dlq")
     before = _children()
     started = time.monotonic()
@@ -147,7 +149,9 @@ async def test_a_service_whose_inference_worker_can_never_start_stops_loudly_and
     # covers the schedule): 8 starts with short pauses.
     monkeypatch.setattr(pool_module, "RESPAWN_BACKOFF_S", (0.0, 0.1))
     fault("die-always")
-    settings = service_settings("127.0.0.1:1", unique_name)  # fails before Kafka is needed
+    settings = service_settings(
+        "127.0.0.1:1", unique_name, inference_standby=True
+    )  # fails before Kafka is needed
     before = _children()
     started = time.monotonic()
     async with every_child_seen() as seen:
@@ -162,7 +166,9 @@ async def test_a_record_that_hangs_the_worker_is_dead_lettered_as_worker_hung(
     kafka_bootstrap, kafka_options, unique_name, new_topics, samples, fault
 ) -> None:
     fault("hang")
-    settings = service_settings(kafka_bootstrap, unique_name, max_batch_size=8, worker_timeout_s=20)
+    settings = service_settings(
+        kafka_bootstrap, unique_name, inference_standby=True, max_batch_size=8, worker_timeout_s=20
+    )
     await new_topics("in", "out", "dlq")
     before = _children()
     async with every_child_seen() as seen:
@@ -187,7 +193,9 @@ async def test_an_unknown_error_in_the_worker_dead_letters_the_record_not_the_se
     kafka_bootstrap, kafka_options, unique_name, new_topics, samples, fault
 ) -> None:
     fault("unknown")
-    settings = service_settings(kafka_bootstrap, unique_name, max_batch_size=8)
+    settings = service_settings(
+        kafka_bootstrap, unique_name, inference_standby=True, max_batch_size=8
+    )
     await new_topics("in", "out", "dlq")
     before = _children()
     async with every_child_seen() as seen:
@@ -208,7 +216,11 @@ async def test_a_sticky_device_error_recycles_the_worker_and_loses_nothing(
 ) -> None:
     state = fault("sticky")
     settings = service_settings(
-        kafka_bootstrap, unique_name, max_batch_size=8, max_record_attempts=5
+        kafka_bootstrap,
+        unique_name,
+        inference_standby=True,
+        max_batch_size=8,
+        max_record_attempts=5,
     )
     await new_topics("in", "out", "dlq")
     before = _children()

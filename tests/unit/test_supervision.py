@@ -168,6 +168,19 @@ async def test_a_worker_that_dies_right_after_ready_is_started_ever_slower_then_
     assert not [pid for pid in started_pids(tmp_path / "starts-0") if alive(pid)]
 
 
+async def test_start_returns_once_the_standby_is_up_so_no_model_loads_while_serving(
+    tmp_path: Path,
+) -> None:
+    """Issue 11: a standby still loading at the first records took CPU from the worker."""
+    pool = make_pool(tmp_path, Metrics(), standby=True)
+    try:
+        await pool.start()
+        assert serving(pool.workers[0]) and serving(pool.standbys[0])
+        assert starts(tmp_path) == 2
+    finally:
+        await pool.stop()
+
+
 async def test_a_standby_that_cannot_start_is_retried_and_never_fatal(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
