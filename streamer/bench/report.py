@@ -24,7 +24,7 @@ def write(results: dict[str, Any], directory: Path) -> list[Path]:
     paths = [directory / "results.json", directory / "summary.md"]
     paths[0].write_text(json.dumps(results, indent=2, default=str) + "\n")
     paths[1].write_text(summary_table(results))
-    if {"ceiling", "engine", "e2e", "naive"} <= set(results):
+    if "ceiling" in results:
         paths.append(plot_throughput(results, directory / "throughput.png"))
     if results.get("latency") and any(p["latencies_s"] for p in results["latency"].values()):
         paths.append(plot_latency(results, directory / "latency_cdf.png"))
@@ -176,24 +176,39 @@ def _maybe(value: float | None, spec: str) -> str:
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> Path:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    stages = {
+    """Throughput of every stage the run has, and the batch-time table t(b)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    e2e = results.get("e2e", {})
+    candidates = {
         "(a) ceiling": results["ceiling"]["images_per_s"],
-        "(b) engine": results["engine"]["images_per_s"],
-        "(c) end to end": results["e2e"]["images_per_s"],
-        "(d) naive": results["naive"]["images_per_s"],
+        "(b) engine": results.get("engine", {}).get("images_per_s"),
+        "(c) drain": e2e.get("images_per_s"),
+        "(c) steady": e2e.get("steady", {}).get("images_per_s"),
+        "(c) cold start": e2e.get("from_ready_images_per_s"),
+        "(d) naive": results.get("naive", {}).get("images_per_s"),
     }
-    bars = left.bar(list(stages), list(stages.values()), color=["#777", "#4a7", "#27a", "#c54"])
+    stages = {name: value for name, value in candidates.items() if value is not None}
+    bars = left.bar(list(stages), list(stages.values()), color="#27a")
     left.bar_label(bars, fmt="%.1f")
     left.set_ylabel("images / s")
-    left.set_title("Throughput by stage")
+    left.set_title(f"Throughput by stage ({results['config']['precision']})")
+    left.tick_params(axis="x", labelrotation=20)
     by_batch = results["ceiling"]["by_batch_size"]
     sizes = sorted(by_batch, key=int)
-    right.plot([int(s) for s in sizes], [by_batch[s]["images_per_s"] for s in sizes], "o-")
+    xs = [int(s) for s in sizes]
+    right.plot(xs, [by_batch[s]["images_per_s"] for s in sizes], "o-", label="images / s")
     right.set_xscale("log", base=2)
-    right.set_xlabel("batch size")
+    right.set_xlabel("batch size b")
     right.set_ylabel("images / s")
-    right.set_title("Model ceiling by batch size")
+    right.set_title("Batch-time table: model on ready tensors")
+    seconds = right.twinx()
+    seconds.plot(xs, [by_batch[s]["forward_s"] for s in sizes], "s--", color="#c54", label="t(b)")
+    seconds.set_yscale("log")
+    seconds.set_ylabel("t(b): seconds per forward pass", color="#c54")
+    for x, s in zip(xs, sizes, strict=True):
+        seconds.annotate(
+            f"{by_batch[s]['forward_s']:.3f}", (x, by_batch[s]["forward_s"]), fontsize=7
+        )
     return _save(fig, path)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 import torch
 
-from streamer.bench import metrics_cost
+from streamer.bench import device_check, metrics_cost
 from streamer.bench.agreement import agreement
 from streamer.bench.ceiling import best_of, run_ceiling
 from streamer.bench.e2e import run_naive, run_service_throughput
@@ -108,6 +108,12 @@ async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
             device=settings_device(settings),
         )
 
+    if "device_check" in stages:
+        # First, and fatal: no figure of a decoder that gives other answers (device_check).
+        log.info("bench device check: device-decoded JPEGs against the CPU path")
+        results["device_check"] = device_check.check(
+            corpus, settings_device(settings), config.weights
+        )
     if "ceiling" in stages:
         log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
         results["ceiling"] = sweep_ceiling()

@@ -14,6 +14,8 @@ from streamer.config import Settings
 
 CORPUS_SIZES = ((500, 375), (224, 224))
 STAGES = ("ceiling", "engine", "host", "naive", "e2e", "latency", "soak")
+# Only in the accelerator run (``gpu()``), first: device-decoded JPEGs against the CPU path.
+DEVICE_CHECK_STAGE = "device_check"
 # Not in the default run (minutes, and meant for the 3-broker cluster): --stages scale.
 SCALE_STAGE = "scale"
 
@@ -77,7 +79,7 @@ class BenchConfig:
             "ceiling_batch_sizes": (32, 64, 128, 256, 512),
             "ceiling_again_at_end": False,
             "engine_records": 60_000,
-            "stages": ("ceiling", "engine"),
+            "stages": (DEVICE_CHECK_STAGE, "ceiling", "engine"),
             "skip_soak": True,
         }
         values.update(overrides)

@@ -18,7 +18,9 @@ not about an input) may have been failed by any of its records. Each of them is
 then sent again alone, so the innocent ones are decoded and the culprit's own
 failure becomes its result; the engine counts that as one attempt. A chunk
 failure is no attempt of anybody's. This mirrors how the engine isolates a
-record that fails an inference batch.
+record that fails an inference batch. A chunk has the deadline of one request
+(``worker_timeout_s``): a chunk of slow but valid images that misses it is killed
+as hung and re-sent the same way, each record with a deadline of its own.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def add_parser(commands: Any) -> None:
         "--stages",
         default=None,
         help="comma-separated subset of ceiling,engine,host,naive,e2e,latency,soak (default:"
-        " all), or scale",
+        " all), or scale; --gpu runs device_check,ceiling,engine",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(func=_main)

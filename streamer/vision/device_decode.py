@@ -91,6 +91,10 @@ class JpegBatchDecoder:
             # torchvision 0.29 points to TorchCodec for future releases; this one works.
             warnings.simplefilter("ignore", DeprecationWarning)
             result = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        if self.device.type == "cuda":
+            # nvjpeg may still be writing on a stream of its own when decode_jpeg returns
+            # (pytorch/vision PR 9606: corrupted tensors); wait for it before reading.
+            torch.cuda.synchronize(self.device)
         return result if isinstance(result, list) else [result]
 
     def _decode_one(self, data: torch.Tensor) -> torch.Tensor | DecodeError:

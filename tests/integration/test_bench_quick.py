@@ -47,6 +47,10 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
     assert all(v["forward_s"] > 0 for v in saved["ceiling"]["by_batch_size"].values())
     assert saved["engine"]["images_per_s"] > 0
     assert saved["e2e"]["images_per_s"] > 0 and saved["e2e"]["records"] == 24
+    assert saved["e2e"]["steady"]["images_per_s"] > 0
+    cold = saved["e2e"]
+    assert cold["from_ready_s"] > 0
+    assert cold["from_ready_images_per_s"] == pytest.approx(24 / cold["from_ready_s"])
     assert saved["naive"]["images_per_s"] > 0
     host = saved["host"]  # 48 records: too few for the bare loop's rate (one fetch, one ms)
     assert host["bare"]["records"] == 48 and host["bare"]["cpu_ms_per_record"] > 0
@@ -62,6 +66,8 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
     # The host-path targets appear only when the run was long enough to measure them.
     assert set(saved["targets"]) - {"host_vs_bare", "host_main_cpu_ms_per_record"} == {
         "e2e_vs_ceiling",
+        "e2e_steady_vs_ceiling",
+        "e2e_cold_start_vs_ceiling",
         "e2e_vs_naive",
         "p99_at_half_peak",
         "rss_flat",
