@@ -62,6 +62,26 @@ class BatchPolicy(Protocol):
     def fill_wait_s(self, queued: int, backlog: int) -> float: ...
 
 
+def timed_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes timed when the model loads: 1, 2, 4, ... and ``max_batch_size``."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def best_batch_size(batch_seconds: dict[int, float], within: float = 0.05) -> int:
+    """The smallest batch size whose images/s is within ``within`` of the best in the
+    table: the throughput of the best, with less waiting to fill and less latency."""
+    rates = {size: size / t for size, t in batch_seconds.items() if t > 0}
+    if not rates:  # nothing measurable (a model that does no work): the largest
+        return max(batch_seconds)
+    best = max(rates.values())
+    return min(size for size, rate in rates.items() if rate >= (1 - within) * best)
+
+
 class FixedPolicy:
     """``max_batch_size`` records, or whatever came within ``max_batch_delay_ms``."""
 

@@ -46,7 +46,12 @@ from streamer.errors import (
     WorkerHung,
 )
 from streamer.metrics import Metrics
-from streamer.pipeline.batch_policy import FixedPolicy, LatencyTargetPolicy
+from streamer.pipeline.batch_policy import (
+    FixedPolicy,
+    LatencyTargetPolicy,
+    best_batch_size,
+    timed_sizes,
+)
 from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.pipeline.deadlines import BatchDeadlines
 from streamer.pipeline.decode_chunks import DecodeChunks
@@ -160,7 +165,18 @@ class Engine:
             inference_worker.main,
             lambda i: (
                 layout,
-                InferenceConfig(self.weights, self.devices[i], s.precision, s.top_k, threads),
+                InferenceConfig(
+                    self.weights,
+                    self.devices[i],
+                    s.precision,
+                    s.top_k,
+                    threads,
+                    timed_batch_sizes=(
+                        timed_sizes(s.max_batch_size)
+                        if s.batch_size_from_table or s.latency_target_ms is not None
+                        else ()
+                    ),
+                ),
             ),
             self.metrics,
             s.worker_start_timeout_s,
@@ -176,6 +192,7 @@ class Engine:
             precision=s.precision,
         )
         self.metrics.model.info(self.model_info.model_dump())
+        self.use_batch_table(info.get("batch_seconds") or {})
         self._batcher = Batcher(
             self._run_batch,
             max_batch_size=s.max_batch_size,
@@ -186,6 +203,30 @@ class Engine:
             backlog=lambda: self._decoding,
         )
         await self._batcher.start()
+
+    def use_batch_table(self, batch_seconds: dict[int, float]) -> None:
+        """Start from the batch-time table the inference worker measured as it loaded.
+
+        The deadlines (and with them the latency-target policy) begin with measured
+        times instead of the ceiling; without a target, batches are at most the size
+        with the best images/s (``batch_size_from_table``).
+        """
+        for size, seconds in batch_seconds.items():
+            self.deadlines.observe(size, seconds)
+        if not batch_seconds or not isinstance(self.policy, FixedPolicy):
+            return
+        best = best_batch_size(batch_seconds)
+        log.info(
+            "batch-time table %s; best size %d of at most %d (%s)",
+            ", ".join(f"t({b})={t:.4f}s" for b, t in sorted(batch_seconds.items())),
+            best,
+            self.settings.max_batch_size,
+            "used"
+            if self.settings.batch_size_from_table
+            else "not used: batch_size_from_table is off",
+        )
+        if self.settings.batch_size_from_table:
+            self.policy.max_batch_size = best
 
     async def stop(self) -> None:
         """Stop the batcher and workers, unlink shared memory; safe to call twice."""

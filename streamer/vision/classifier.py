@@ -28,6 +28,8 @@ class InferenceConfig:
     top_k: int = 5
     threads: int | None = None  # CPU intra-op threads
     warmup_batch: int = 8
+    # Batch sizes whose forward pass is timed after the warm-up (``time_batches``).
+    timed_batch_sizes: tuple[int, ...] = ()
 
 
 class BatchEntry(NamedTuple):
@@ -101,6 +103,19 @@ class Classifier:
 
     def warm_up(self) -> None:
         self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
+
+    def time_batches(self, sizes: tuple[int, ...]) -> dict[int, float]:
+        """Seconds of one forward pass per batch size: the batch-time table t(b).
+
+        The largest batch runs once untimed first (allocations, kernel selection).
+        """
+        if not sizes:
+            return {}
+        self.classify(torch.zeros((max(sizes), 3, 224, 224), dtype=torch.uint8))
+        return {
+            size: self.classify(torch.zeros((size, 3, 224, 224), dtype=torch.uint8)).forward_s
+            for size in sorted(sizes)
+        }
 
 
 def _utilization(device: torch.device) -> float | None:

@@ -28,6 +28,7 @@ def main(
         torch.set_num_threads(config.threads)
     classifier = Classifier(config)
     classifier.warm_up()
+    batch_seconds = classifier.time_batches(config.timed_batch_sizes)
     view = SlotView.attach(layout)
     decoder = JpegBatchDecoder(classifier.device)
     try:
@@ -41,6 +42,7 @@ def main(
                 "device": str(classifier.device),
                 "precision": config.precision,
                 "threads": torch.get_num_threads(),
+                "batch_seconds": batch_seconds,  # the batch-time table t(b)
             },
         )
     finally:

@@ -42,3 +42,10 @@ def test_the_null_model_does_no_arithmetic_on_the_pixels(monkeypatch) -> None:
 
     monkeypatch.setattr(torch.Tensor, "float", refuse)
     assert len(classifier.classify(pixels).indices) == 2
+
+
+def test_the_batch_time_table_has_a_forward_time_per_size() -> None:
+    classifier = Classifier(InferenceConfig(WeightsSpec.parse("random:0"), threads=1))
+    table = classifier.time_batches((1, 2))
+    assert sorted(table) == [1, 2] and all(t > 0 for t in table.values())
+    assert classifier.time_batches(()) == {}

@@ -143,3 +143,29 @@ def test_the_arrival_rate_counts_only_the_last_window() -> None:
         p.arrived(float(i) / 10)
     p.arrived(10.0)
     assert p.rate_per_s == pytest.approx(1 / batch_policy.RATE_WINDOW_S)
+
+
+# The batch size from the table measured as the model loads (batch_size_from_table).
+
+CPU_TABLE = {1: 0.028, 2: 0.051, 4: 0.090, 8: 0.171, 16: 0.341, 32: 0.632, 64: 1.520}
+
+
+@pytest.mark.parametrize(
+    ("table", "best"),
+    [
+        (CPU_TABLE, 32),  # 50.6 img/s; 16 gives 46.9 (7% less), 64 gives 42.1
+        ({1: 0.01, 8: 0.02, 16: 0.0405, 32: 0.081}, 8),  # 16 and 32 are no faster than 8
+        ({8: 0.004, 64: 0.010, 256: 0.030}, 256),  # a GPU: the largest batch
+        ({4: 0.0, 8: 0.0}, 8),  # nothing measurable (the null model): the largest
+    ],
+)
+def test_the_best_batch_is_the_smallest_within_5_percent_of_the_best_rate(
+    table: dict[int, float], best: int
+) -> None:
+    assert batch_policy.best_batch_size(table) == best
+
+
+def test_the_timed_sizes_are_powers_of_two_up_to_the_max() -> None:
+    assert batch_policy.timed_sizes(32) == (1, 2, 4, 8, 16, 32)
+    assert batch_policy.timed_sizes(24) == (1, 2, 4, 8, 16, 24)
+    assert batch_policy.timed_sizes(1) == (1,)

@@ -171,3 +171,17 @@ async def test_a_bad_image_found_after_a_crash_counts_both_attempts() -> None:
     with pytest.raises(DecodeError) as caught:
         await engine._classify_slot(0, 10)
     assert caught.value.attempts == 2 and caught.value.stage == "decode"
+
+
+def test_the_batch_time_table_sets_the_batch_size_and_seeds_the_deadlines() -> None:
+    engine = Engine(Settings(weights="random:0", device="cpu", max_batch_size=32), Metrics())
+    engine.use_batch_table({1: 0.01, 8: 0.02, 16: 0.0405, 32: 0.081})
+    assert engine.policy.size_limit(queued=100, backlog=100) == 8
+    assert engine.deadlines.expected_s(16) == 0.0405
+
+
+def test_with_batch_size_from_table_off_max_batch_size_stays() -> None:
+    settings = Settings(weights="random:0", device="cpu", batch_size_from_table=False)
+    engine = Engine(settings, Metrics())
+    engine.use_batch_table({1: 0.01, 8: 0.02, 16: 0.0405, 32: 0.081})
+    assert engine.policy.size_limit(queued=100, backlog=100) == 32

@@ -1,0 +1,40 @@
+"""Issue 11's end-to-end targets, judged from a run's figures (no Kafka)."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamer.bench.kafka_io import Output, throughput
+from streamer.bench.targets import verdicts
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def run(steady: float, cold: float | None) -> dict:
+    e2e: dict = {"images_per_s": steady, "steady": {"images_per_s": steady}}
+    if cold is not None:
+        e2e["from_ready_images_per_s"] = cold
+    return {"ceiling": {"images_per_s": 50.0}, "e2e": e2e}
+
+
+def test_steady_state_and_cold_start_are_judged_against_the_ceiling() -> None:
+    judged = verdicts(run(steady=43.0, cold=37.0))
+    assert judged["e2e_steady_vs_ceiling"]["value"] == pytest.approx(0.86)
+    assert judged["e2e_steady_vs_ceiling"]["met"]
+    assert judged["e2e_cold_start_vs_ceiling"]["value"] == pytest.approx(0.74)
+    assert not judged["e2e_cold_start_vs_ceiling"]["met"]
+
+
+def test_a_run_without_a_ready_time_judges_no_cold_start() -> None:
+    judged = verdicts(run(steady=40.0, cold=None))
+    assert not judged["e2e_steady_vs_ceiling"]["met"]
+    assert "e2e_cold_start_vs_ceiling" not in judged
+
+
+def test_the_steady_state_leaves_the_slow_start_out() -> None:
+    # 20 outputs: the first 4 a second apart (start-up), then 10 a second.
+    times = [i * 1000 for i in range(4)] + [3000 + (i + 1) * 100 for i in range(16)]
+    outputs = [Output(t, 0, 1) for t in times]
+    steady = throughput(outputs, len(outputs) // 5)
+    assert steady["images_per_s"] == pytest.approx(10.0)
+    assert throughput(outputs, 0)["images_per_s"] < 5
