@@ -150,9 +150,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, description="records per inference batch at most")
     batch_size_from_table: bool = Field(
         True,
-        description="time batches of 1, 2, 4 and so on up to max_batch_size as the model loads; batch"
-        " at most the size with the best images/s (the smallest within 5% of it); off:"
-        " max_batch_size",
+        description="time batches of 1, 2, 4 and so on up to max_batch_size as the model"
+        " loads; batch at most the size with the best images/s (the smallest within 5% of"
+        " it); off, or with latency_target_ms: max_batch_size",
     )
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="milliseconds a batch waits to fill before it runs anyway"

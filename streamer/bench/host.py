@@ -69,6 +69,9 @@ async def run_host(
         # The null model computes nothing: a second intra-op thread only waits at
         # barriers for a thread the main process preempted (10x slower measured).
         inference_threads=1,
+        # Batches as large as on a GPU: the null model's time grows with the batch
+        # (top-k per row), so its table would choose small batches a GPU would not.
+        batch_size_from_table=False,
         metrics_port=free_port(),
     )
     service = ServiceProcess(settings, results_dir / "host-service.log")

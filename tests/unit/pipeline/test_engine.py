@@ -173,11 +173,11 @@ async def test_a_bad_image_found_after_a_crash_counts_both_attempts() -> None:
     assert caught.value.attempts == 2 and caught.value.stage == "decode"
 
 
-def test_the_batch_time_table_sets_the_batch_size_and_seeds_the_deadlines() -> None:
+def test_the_batch_time_table_sets_the_batch_size_but_not_the_deadlines() -> None:
     engine = Engine(Settings(weights="random:0", device="cpu", max_batch_size=32), Metrics())
     engine.use_batch_table({1: 0.01, 8: 0.02, 16: 0.0405, 32: 0.081})
     assert engine.policy.size_limit(queued=100, backlog=100) == 8
-    assert engine.deadlines.expected_s(16) == 0.0405
+    assert engine.deadlines.expected_s(16) is None  # idle-machine times: too optimistic
 
 
 def test_with_batch_size_from_table_off_max_batch_size_stays() -> None:
