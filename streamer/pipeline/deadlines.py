@@ -55,6 +55,7 @@ class BatchDeadlines:
         self._clock = clock
         self._seconds: dict[int, float] = {}  # batch size -> EWMA of answered requests
         self._in_flight: Counter[int] = Counter()  # batch size -> requests awaiting a reply
+        self._table: dict[int, float] = {}  # the load-time batch-time table (use_table)
 
     def expected_s(self, size: int) -> float | None:
         """Seconds a batch of ``size`` is expected to take; None before any measurement."""
@@ -62,6 +63,29 @@ class BatchDeadlines:
             return self._seconds[size]
         bounds = [t * max(1.0, size / m) for m, t in self._seconds.items()]
         return min(bounds) if bounds else None
+
+    def use_table(self, table: dict[int, float]) -> None:
+        """The batch-time table measured as the model loaded (forward passes on an
+        idle machine): the shape of t(b) for ``estimated_s``, never a deadline."""
+        self._table = dict(sorted(table.items()))
+
+    def estimated_s(self, size: int) -> float | None:
+        """t(size) for choosing batch sizes: the measured time where there is one, else
+        the load-time table scaled by how much slower measured requests ran than the
+        table says (interpolated between its sizes), else ``expected_s``.
+
+        The table alone is too optimistic while decode and Kafka share the cores; the
+        measured sizes alone leave a policy that has only seen one size blind to the
+        others (it drained with batches of 32 where 8 was a third faster).
+        """
+        if size in self._seconds:
+            return self._seconds[size]
+        table = self._table
+        shape = _interpolate(table, size) if table else None
+        ratios = [t / table[m] for m, t in self._seconds.items() if table.get(m)]
+        if shape is None or not ratios:
+            return self.expected_s(size)
+        return shape * sum(ratios) / len(ratios)
 
     def deadline_s(self, size: int) -> float:
         """The deadline for a batch of ``size`` sent now, behind the requests in flight."""
@@ -92,3 +116,13 @@ class BatchDeadlines:
             if not self._in_flight[size]:
                 del self._in_flight[size]
         self.observe(size, self._clock() - started)
+
+
+def _interpolate(table: dict[int, float], size: int) -> float | None:
+    """t(size) from a table of sizes (sorted), linear between the two around it."""
+    below = [(b, t) for b, t in table.items() if b <= size]
+    above = [(b, t) for b, t in table.items() if b >= size]
+    if not below or not above:
+        return None
+    (b0, t0), (b1, t1) = below[-1], above[0]
+    return t0 if b1 == b0 else t0 + (t1 - t0) * (size - b0) / (b1 - b0)

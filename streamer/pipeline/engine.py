@@ -129,7 +129,7 @@ class Engine:
                 settings.latency_target_ms / 1000.0,
                 settings.max_batch_size,
                 delay_s,
-                self.deadlines.expected_s,
+                self.deadlines.estimated_s,
             )
         )
         self._decoding = 0  # records in the decode stage: the batcher's backlog
@@ -173,7 +173,7 @@ class Engine:
                     threads,
                     timed_batch_sizes=(
                         timed_sizes(s.max_batch_size)
-                        if s.batch_size_from_table and s.latency_target_ms is None
+                        if s.batch_size_from_table or s.latency_target_ms is not None
                         else ()
                     ),
                 ),
@@ -205,16 +205,19 @@ class Engine:
         await self._batcher.start()
 
     def use_batch_table(self, batch_seconds: dict[int, float]) -> None:
-        """Without a latency target, batch at most the size with the best images/s in the
-        batch-time table the inference worker measured as it loaded
-        (``batch_size_from_table``).
+        """Start from the batch-time table the inference worker measured as it loaded.
 
-        The table does not seed the deadlines or the latency-target policy: its times
-        are forward passes on an idle machine, shorter than requests while decode and
-        Kafka share the cores, and a policy that believed them chose batches too small
-        to keep up (benchmark of 2026-12-03: p99 1.8 s instead of 0.35 s at 90%).
+        Without a latency target, batches are at most the size with the best images/s
+        (``batch_size_from_table``). With one, the table gives the policy the shape of
+        t(b) for sizes it has not run yet, scaled by the times it measures
+        (``BatchDeadlines.estimated_s``). Its idle-machine times alone were too
+        optimistic: a policy that believed them chose batches too small to keep up
+        (benchmark of 2026-12-03: p99 1.8 s at 90% of peak).
         """
-        if not batch_seconds or not isinstance(self.policy, FixedPolicy):
+        if not batch_seconds:
+            return
+        self.deadlines.use_table(batch_seconds)
+        if not isinstance(self.policy, FixedPolicy):
             return
         best = best_batch_size(batch_seconds)
         log.info(
