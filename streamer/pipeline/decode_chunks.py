@@ -71,6 +71,16 @@ class DecodeChunks:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def stop(self) -> None:
+        """Cancel the chunks in flight (their records' futures are cancelled)."""
+        for _, future in self._pending:
+            future.cancel()
+        self._pending = []
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     @staticmethod
     def chunks(items: list[Any], workers: int, max_chunk: int) -> list[list[Any]]:
         """``items`` split in order into the fewest near-equal chunks of at most
@@ -104,6 +114,10 @@ class DecodeChunks:
             for _, future in waiting:
                 future.cancel()
             raise
+        except Exception as exc:  # a bug: the records fail loudly rather than wait forever
+            for _, future in waiting:
+                _settle(future, exception=exc)
+            return
         for (_, future), answer in zip(waiting, answers, strict=True):
             if isinstance(answer, codec.WireError):
                 _settle(future, exception=codec.from_wire(answer, "decode"))

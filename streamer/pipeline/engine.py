@@ -236,6 +236,8 @@ class Engine:
         """Stop the batcher and workers, unlink shared memory; safe to call twice."""
         if self._batcher is not None:
             await self._batcher.stop()
+        if self.decode is not None:
+            await self.decode.stop()
         for pool in (self.inference, self.decoders):
             if pool is not None:
                 await pool.stop()

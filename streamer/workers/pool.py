@@ -47,13 +47,12 @@ from streamer.workers.supervisor import Backoff, Role
 
 log = logging.getLogger(__name__)
 
+RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by consecutive failures; the last one repeats
+MAX_FAILED_STARTS = 8  # 0 + 0.5 + 1 + 2 + 5 * 4 = 23.5 s of backoff before giving up
+
 
 def serving(worker: WorkerProcess | None) -> bool:
     return worker is not None and worker.state is WorkerState.RUNNING
-
-
-RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)  # by consecutive failures; the last one repeats
-MAX_FAILED_STARTS = 8  # 0 + 0.5 + 1 + 2 + 5 * 4 = 23.5 s of backoff before giving up
 
 
 class WorkerPool:

@@ -141,3 +141,25 @@ def test_chunk_sizes(items: int, workers: int, max_chunk: int, sizes: list[int])
     chunks = DecodeChunks.chunks(list(range(items)), workers, max_chunk)
     assert [len(chunk) for chunk in chunks] == sizes
     assert [i for chunk in chunks for i in chunk] == list(range(items))
+
+
+async def test_an_unexpected_error_fails_the_records_instead_of_leaving_them_waiting() -> None:
+    class Broken(Pool):
+        async def submit(self, body: Any, timeout_s: float | None = None) -> Any:
+            raise RuntimeError("a bug")
+
+    results = await decode_all(DecodeChunks(Broken()), [1, 2])
+    assert all(isinstance(result, RuntimeError) for result in results)
+
+
+async def test_stop_cancels_the_chunks_in_flight() -> None:
+    class Stuck(Pool):
+        async def submit(self, body: Any, timeout_s: float | None = None) -> Any:
+            await asyncio.sleep(3600)
+
+    chunks = DecodeChunks(Stuck())
+    waiting = asyncio.ensure_future(chunks.submit((1, 100, False)))
+    await asyncio.sleep(0.01)  # the chunk is in flight
+    await chunks.stop()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
