@@ -139,9 +139,8 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # Label children by label value: looking one up costs more than using it.
-        self._stages: dict[str, Any] = {}  # stage -> its stage_seconds child
-        self._predicted: dict[str, Any] = {}  # topic -> its records_predicted child
+        # Label children of the per-record metrics: looking one up costs more than using it.
+        self._children: dict[tuple[int, str], Any] = {}  # (id(metric), label value) -> child
         self.batch_size = Histogram(
             "streamer_batch_size",
             "Records per inference batch.",
@@ -266,13 +265,14 @@ class Metrics:
                 gauge.remove(topic, str(partition))
 
     def count_predicted(self, topic: str) -> None:
-        child = self._predicted.get(topic)
-        if child is None:
-            child = self._predicted[topic] = self.records_predicted.labels(topic)
-        child.inc()
+        self._child(self.records_predicted, topic).inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        child = self._stages.get(stage)
+        self._child(self.stage_seconds, stage).observe(max(seconds, 0.0))
+
+    def _child(self, metric: Any, label: str) -> Any:
+        key = (id(metric), label)  # the metrics live as long as this object
+        child = self._children.get(key)
         if child is None:
-            child = self._stages[stage] = self.stage_seconds.labels(stage)
-        child.observe(max(seconds, 0.0))
+            child = self._children[key] = metric.labels(label)
+        return child

@@ -263,7 +263,7 @@ def prediction_json(
 ) -> bytes:
     """A ``Prediction``'s record value, built for the hot path without a model.
 
-    The same JSON as ``Prediction(...).to_json()`` (tests/unit/test_schemas.py
+    The same JSON as ``Prediction(...).to_json()`` (tests/unit/test_contract.py
     compares the two, field by field): ``source`` is (topic, partition, offset,
     timestamp), ``model`` a ``ModelInfo`` dump, ``top_k`` (index, label, score);
     ``batch_size`` and ``timings_ms`` (the ``Timings`` fields) only when given.

@@ -112,6 +112,20 @@ async def test_a_malformed_structured_event_is_a_dead_letter_that_never_reaches_
     assert outcome.value == source.value, "the dead letter keeps the input for replay"
 
 
+async def test_an_event_id_that_is_not_valid_unicode_is_a_dead_letter_not_a_crash() -> None:
+    """JSON may escape a lone surrogate (\\ud800); no JSON output can hold it, and
+    writing the prediction raised, which stopped the service."""
+    engine = FakeEngine()
+    value = (
+        b'{"specversion": "1.0", "id": "evt-\\ud800", "source": "/cam", "type": "t",'
+        b' "data_base64": "' + base64.b64encode(IMAGE) + b'"}'
+    )
+    source = record(value, [("content-type", b"application/cloudevents+json")])
+    outcome = await processor(engine).process(source, time.perf_counter(), 0.0)
+    assert outcome.dead_letter_reason == "invalid-cloudevent" and engine.payloads == []
+    assert outcome.value == source.value
+
+
 async def test_a_dead_letter_reports_the_attempts_the_engine_made() -> None:
     error = DecodeError("bad", reason="corrupt")
     error.attempts = 3
