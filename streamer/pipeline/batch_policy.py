@@ -15,15 +15,19 @@ the batcher, i.e. being decoded):
    the batch is the most efficient size the table knows (the largest, unless a
    smaller measured size has a clearly higher ``b / t(b)``) and waits only for
    records that are already coming.
-2. **Steady state: fit the budget, but keep up.** Otherwise a record's latency is
-   roughly its fill wait, the batch running ahead of it on the device, and its own
-   batch: ``fill + 2 t(b)`` must fit the budget. The size is the largest ``b``
-   with ``2 t(b) <= budget``, unless batches that small cannot keep up with the
-   arrival rate (``b / t(b) < KEEP_UP x rate``, the rate counted over the last
-   ``RATE_WINDOW_S``): then it is the smallest size that can, because a queue that
-   grows misses any target. The fill wait is what is left of the budget,
-   ``budget - 2 t(b)``, never more than ``max_batch_delay_ms`` (waiting longer
-   than that buys no throughput at a steady rate below capacity).
+2. **Steady state: small, within the budget, but keep up.** Otherwise a record's
+   latency is roughly its fill wait, the batch running ahead of it on the device,
+   and its own batch: ``fill + 2 t(b)`` must fit the budget. The size is the
+   smallest ``b`` that is about as efficient as any (``best_batch_size``: within 5%
+   of the best ``b / t(b)``; a larger batch would add latency and buy almost no
+   throughput), or the largest ``b`` with ``2 t(b) <= budget`` if that is smaller.
+   Batches that small must still keep up with the arrival rate
+   (``b / t(b) >= KEEP_UP x rate``, the rate counted over the last
+   ``RATE_WINDOW_S``); if they cannot, the size is the smallest that can, or the
+   most efficient one when none can, because a queue that grows misses any target.
+   The fill wait is what is left of the budget, ``budget - 2 t(b)``, never more
+   than ``max_batch_delay_ms`` (waiting longer than that buys no throughput at a
+   steady rate below capacity).
 3. **Correct from what is observed (AIMD, as Clipper does).** The budget is
    ``target x factor``. Every ``ADJUST_EVERY`` latencies observed in steady
    state, the p99 of the last ``WINDOW`` is compared with the target: above it,
@@ -173,8 +177,10 @@ class LatencyTargetPolicy:
             self.factor = min(1.0, self.factor + INCREASE)
 
     def _budget_size(self) -> int:
-        """The largest batch whose time, twice over, fits the budget (at least 1), or
-        the smallest that keeps up with the arrival rate when that one cannot."""
+        """The smallest batch about as efficient as any (``best_batch_size`` over t(b)),
+        or a smaller one when the budget needs it (the largest with ``2 t(b) <= budget``,
+        at least 1); then grown to the smallest size that keeps up with the arrival
+        rate, or the most efficient size when none does."""
         fits = 1
         for size in range(self.max_batch_size, 1, -1):
             t = self._t(size)
@@ -182,11 +188,20 @@ class LatencyTargetPolicy:
                 fits = size
                 break
         needed = KEEP_UP * self.rate_per_s
-        for size in range(fits, self.max_batch_size + 1):
+        for size in range(min(fits, self._efficient_size()), self.max_batch_size + 1):
             t = self._t(size)
             if t is None or size / t >= needed:
                 return size
-        return self.max_batch_size
+        return self._drain_size()
+
+    def _efficient_size(self) -> int:
+        """``best_batch_size`` over the sizes the table knows (the largest if none)."""
+        known = {}
+        for size in range(1, self.max_batch_size + 1):
+            t = self._t(size)
+            if t is not None:
+                known[size] = t
+        return best_batch_size(known) if known else self.max_batch_size
 
     def _drain_size(self) -> int:
         """The most efficient size the table knows: the largest unless a smaller one is
