@@ -32,6 +32,10 @@ class InferenceConfig:
     timed_batch_sizes: tuple[int, ...] = ()
 
 
+# Rounds of the batch-time table: each size keeps its fastest of this many passes.
+TABLE_ROUNDS = 3
+
+
 class BatchEntry(NamedTuple):
     slot: int
     encoded_bytes: int = 0  # > 0: the slot holds a JPEG to decode here, not pixels
@@ -104,18 +108,26 @@ class Classifier:
     def warm_up(self) -> None:
         self.classify(torch.zeros((self.config.warmup_batch, 3, 224, 224), dtype=torch.uint8))
 
-    def time_batches(self, sizes: tuple[int, ...]) -> dict[int, float]:
+    def time_batches(self, sizes: tuple[int, ...], rounds: int = TABLE_ROUNDS) -> dict[int, float]:
         """Seconds of one forward pass per batch size: the batch-time table t(b).
 
         The largest batch runs once untimed first (allocations, kernel selection).
+        Then every size runs once per round, ``rounds`` times, and keeps its fastest
+        pass: a pass slowed by something else on the machine (a worker loading
+        beside this one) does not decide the batch size.
         """
         if not sizes:
             return {}
-        self.classify(torch.zeros((max(sizes), 3, 224, 224), dtype=torch.uint8))
-        return {
-            size: self.classify(torch.zeros((size, 3, 224, 224), dtype=torch.uint8)).forward_s
-            for size in sorted(sizes)
+        inputs = {
+            size: torch.zeros((size, 3, 224, 224), dtype=torch.uint8) for size in sorted(sizes)
         }
+        self.classify(inputs[max(inputs)])
+        table: dict[int, float] = {}
+        for _ in range(rounds):
+            for size, pixels in inputs.items():
+                seconds = self.classify(pixels).forward_s
+                table[size] = min(seconds, table.get(size, seconds))
+        return table
 
 
 def _utilization(device: torch.device) -> float | None:
