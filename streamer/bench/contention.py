@@ -27,7 +27,7 @@ WORKER_NICE = 5  # as streamer/workers/child.py
 
 def paced_decode(rate: float, corpus_size: int, ready: Any, stop: Any, report: Any) -> None:
     """Decode the corpus at ``rate`` images/s from ``ready`` until ``stop``; put
-    (images, CPU seconds) on ``report``."""
+    (images, seconds, CPU seconds) on ``report``."""
     os.nice(WORKER_NICE)
     images = payloads(corpus_size)
     decode(images[0])  # imports and first-call costs, outside the count
@@ -39,7 +39,7 @@ def paced_decode(rate: float, corpus_size: int, ready: Any, stop: Any, report: A
             time.sleep(delay)
         decode(images[done % len(images)])
         done += 1
-    report.put((done, time.process_time() - cpu_started))
+    report.put((done, time.perf_counter() - started, time.process_time() - cpu_started))
 
 
 def measure(
@@ -58,11 +58,9 @@ def measure(
             if not ready.wait(120):
                 raise RuntimeError("the decode process did not start")
             # The decoder runs for the whole measurement, the model's load included.
-            began = time.perf_counter()
             beside = run_ceiling("random:0", "fp32", threads, (batch_size,), seconds)
-            wall_s = time.perf_counter() - began
             stop.set()
-            images, cpu_s = report.get(timeout=60)
+            images, decode_s, cpu_s = report.get(timeout=60)
         finally:
             stop.set()
             decoder.join(timeout=60)
@@ -73,7 +71,7 @@ def measure(
                 "ratio": beside["images_per_s"] / alone["images_per_s"],
                 "decoded": float(images),
                 "decode_cpu_ms_per_image": cpu_s / max(images, 1) * 1000,
-                "decoded_per_s": images / wall_s,
+                "decoded_per_s": images / decode_s,
             }
         )
     return results
