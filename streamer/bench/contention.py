@@ -21,14 +21,13 @@ from typing import Any
 from streamer.bench.ceiling import run_ceiling
 from streamer.bench.workload import payloads
 from streamer.vision.decode import decode
-
-WORKER_NICE = 5  # as streamer/workers/child.py
+from streamer.workers.child import WORKER_NICENESS
 
 
 def paced_decode(rate: float, corpus_size: int, ready: Any, stop: Any, report: Any) -> None:
     """Decode the corpus at ``rate`` images/s from ``ready`` until ``stop``; put
     (images, seconds, CPU seconds) on ``report``."""
-    os.nice(WORKER_NICE)
+    os.nice(WORKER_NICENESS)
     images = payloads(corpus_size)
     decode(images[0])  # imports and first-call costs, outside the count
     started, cpu_started, done = time.perf_counter(), time.process_time(), 0

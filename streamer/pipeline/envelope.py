@@ -77,10 +77,10 @@ def open_envelope(record: Record, max_payload_bytes: int) -> Envelope:
     data = _data_base64(event, max_payload_bytes)
     event_id = event["id"]
     try:
-        event_id.encode("utf-8")
+        id_bytes = event_id.encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON can escape a lone surrogate; no output can hold it
         raise InvalidCloudEvent(f"the event's id is not valid Unicode: {exc}") from exc
-    if len(event_id.encode("utf-8", "replace")) > MAX_ID_BYTES:
+    if len(id_bytes) > MAX_ID_BYTES:
         raise InvalidMetadata(f"the event's id is above the limit of {MAX_ID_BYTES} bytes")
     if traceparent is None and isinstance(event.get("traceparent"), str):
         traceparent = event["traceparent"].encode("utf-8", "replace") or None

@@ -65,7 +65,6 @@ def test_the_table_keeps_each_size_s_fastest_of_several_rounds() -> None:
 
     def classify(pixels: torch.Tensor) -> SimpleNamespace:
         size = pixels.shape[0]
-        passes.setdefault(size, [])
         timed_round = len(passes[size]) - (1 if size == 32 else 0)  # 32 also warms up
         passes[size].append(None)
         return SimpleNamespace(forward_s=idle[size] * (1.3 if (timed_round, size) in slowed else 1))
