@@ -49,7 +49,7 @@ from streamer.kafka.clients import connection_options
 from streamer.kafka.delivery import OnFenced
 from streamer.kafka.intake import Intake
 from streamer.kafka.partitions import PartitionLease, Ticket
-from streamer.kafka.publisher import TOO_LARGE, backoff_s
+from streamer.kafka.publisher import PRODUCER_BATCH_BYTES, TOO_LARGE, backoff_s
 from streamer.kafka.records import Outcome, smaller
 from streamer.metrics import Metrics
 
@@ -77,6 +77,7 @@ def transactional_producer(settings: Settings, transactional_id: str) -> AIOKafk
         transaction_timeout_ms=settings.transaction_timeout_ms,
         enable_idempotence=True,
         acks="all",
+        max_batch_size=PRODUCER_BATCH_BYTES,
         # Dead letters carry the original payload, which may be large.
         max_request_size=settings.max_message_bytes,
         **connection_options(settings),

@@ -18,6 +18,11 @@ again here:
    the batch's raw bytes as its value), so that every offset is dead-lettered and the
    consumer moves past it.
 
+Data batches' checksums are checked here, with the ``crc32c`` package (the CPU's
+CRC-32C instruction where it has one), not with aiokafka's table-driven code: over
+34 KB images that was a tenth of the event loop's time, where the instruction takes
+a fourteenth of it.
+
 ``streamer.kafka.records.metadata_error`` turns both into ``undecodable-record`` dead
 letters. A record that aiokafka reads without complaint never takes the slow path.
 """
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiokafka.consumer.fetcher as fetcher
+import crc32c
 from aiokafka.errors import CorruptRecordException
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 from aiokafka.record.memory_records import MemoryRecords
@@ -40,7 +46,9 @@ from aiokafka.record.util import decode_varint
 UNREADABLE = "\ud800streamer-unreadable-batch"
 
 _LOG_OVERHEAD = 12  # base offset (int64) + batch length (int32)
-_MAGIC_OFFSET = 16
+_MAGIC_OFFSET = 16  # then the leader epoch (int32)
+_CRC_OFFSET = 17  # then the magic byte
+_ATTRIBUTES_OFFSET = 21  # the checksum covers the rest of the batch from here
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,13 @@ class TolerantRecords:
 
 
 class TolerantBatch:
-    """One batch: aiokafka's reader first, ``_read_tolerantly`` when it fails."""
+    """One batch: aiokafka's reader first, ``_read_tolerantly`` when it fails.
+
+    A 34 KB image is usually a batch of its own, so what aiokafka's fetcher reads of
+    every batch is a plain attribute here, and the records of a batch that reads
+    cleanly are read in one go (C speed with aiokafka's C reader); only a batch
+    that fails is read record by record (``__next__``).
+    """
 
     def __init__(self, raw: memoryview) -> None:
         self._raw = raw
@@ -102,36 +116,48 @@ class TolerantBatch:
             self._inner = MemoryRecords(bytes(raw)).next_batch()
         except (CorruptRecordException, ValueError, IndexError, struct.error) as exc:
             self._error = exc
+        (self.base_offset,) = struct.unpack_from(">q", raw)
+        if self._inner is None:  # the header itself is unreadable: a data batch
+            self.is_control_batch = self.is_transactional = False
+            self.producer_id = None
+            self.next_offset = self.base_offset + 1
+        else:
+            self.is_control_batch = bool(self._inner.is_control_batch)
+            self.is_transactional = bool(self._inner.is_transactional)
+            self.producer_id = self._inner.producer_id
+            self.next_offset = int(self._inner.next_offset)
         self._checksum_ok = True
         self._next_offset = 0  # every record below this one was yielded
         self._rest: Iterator[WireRecord] | None = None
 
     def __getattr__(self, name: str) -> Any:
-        if self._inner is None:  # the header itself is unreadable: a data batch
-            return {"is_control_batch": False, "is_transactional": False}.get(name)
-        return getattr(self._inner, name)
-
-    @property
-    def base_offset(self) -> int:
-        return int(struct.unpack_from(">q", self._raw)[0])
-
-    @property
-    def next_offset(self) -> int:
-        return int(self._inner.next_offset) if self._inner is not None else self.base_offset + 1
+        return None if self._inner is None else getattr(self._inner, name)
 
     def validate_crc(self) -> bool:
         """Control batches keep aiokafka's check; data batches are checked here instead."""
         if self._inner is None:
             return True
-        if self._inner.is_control_batch:
+        if self.is_control_batch:
             return bool(self._inner.validate_crc())
-        self._checksum_ok = bool(self._inner.validate_crc())
+        self._checksum_ok = self._crc_matches()
         return True
 
-    def __iter__(self) -> TolerantBatch:
-        if self._inner is not None:
-            iter(self._inner)
-        return self
+    def _crc_matches(self) -> bool:
+        if self._raw[_MAGIC_OFFSET] < 2:  # a legacy batch: its own checksum layout
+            return bool(self._inner.validate_crc())
+        (stored,) = struct.unpack_from(">I", self._raw, _CRC_OFFSET)
+        return bool(crc32c.crc32c(self._raw[_ATTRIBUTES_OFFSET:]) == stored)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._inner is None or not self._checksum_ok:
+            return self  # placeholders
+        try:
+            return iter(list(self._inner))
+        except Exception:  # any bytes a producer wrote, even with a valid CRC
+            # Read it again record by record: the records before the bad one as
+            # aiokafka reads them, the rest tolerantly.
+            self._inner = MemoryRecords(bytes(self._raw)).next_batch()
+            return self
 
     def __next__(self) -> Any:
         if self._rest is None:
@@ -159,7 +185,7 @@ class TolerantBatch:
 
     def _placeholders(self, error: Exception) -> Iterator[WireRecord]:
         message = f"unreadable record batch at offset {self.base_offset}: {error!r}".encode()
-        timestamp = getattr(self._inner, "first_timestamp", None) or -1
+        timestamp = self.first_timestamp or -1
         for offset in range(max(self.base_offset, self._next_offset), self.next_offset):
             value = bytes(self._raw) if offset == self.base_offset else None
             yield WireRecord(offset, timestamp, 0, None, value, [(UNREADABLE, message)])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -159,3 +161,24 @@ def test_run_passes_the_log_format_to_logging_and_to_spawned_workers(
     assert isinstance(root.handlers[0].formatter, logs.JsonFormatter)
     # Workers are spawned: they read the format from the environment they inherit.
     assert os.environ[logs.FORMAT_ENV] == "json"
+
+
+def test_tune_gc_makes_collections_rarer_but_still_collects_new_cycles() -> None:
+    threshold = gc.get_threshold()
+    try:
+        cli.tune_gc()
+        assert gc.get_freeze_count() > 0, "what exists at start-up leaves the collector's walks"
+        assert gc.get_threshold() == (cli.GC_YOUNG_THRESHOLD, *threshold[1:])
+
+        class Node:
+            peer: object = None
+
+        node = Node()
+        node.peer = node  # a cycle made while serving
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)

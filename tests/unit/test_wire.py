@@ -11,6 +11,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.record.util import calc_crc32c
 from aiokafka.structs import TopicPartition
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamer.errors import UndecodableRecord
 from streamer.kafka import wire
@@ -22,6 +24,7 @@ pytestmark = pytest.mark.timeout(30)
 TP = TopicPartition("in", 0)
 CRC_OFFSET = 17  # base offset, length, leader epoch, magic
 ATTRIBUTES_OFFSET = 21
+RECORDS_OFFSET = 61  # the end of a v2 batch header
 
 
 def batch(base_offset: int, records: list[tuple[bytes, list[tuple[str, bytes]]]]) -> bytes:
@@ -118,3 +121,32 @@ def test_a_malformed_record_with_a_valid_checksum_becomes_a_placeholder() -> Non
     records = read(bytes(bad) + batch(1, [(b"b", [])]))
     assert [r.offset for r in records] == [0, 1] and records[1].value == b"b"
     assert records[0].headers[0][0] == UNREADABLE
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.binary(max_size=300), min_size=1, max_size=5),
+    flip=st.one_of(
+        st.none(),
+        st.integers(min_value=CRC_OFFSET, max_value=ATTRIBUTES_OFFSET - 1),
+        st.integers(min_value=RECORDS_OFFSET),
+    ),
+)
+def test_the_checksum_check_agrees_with_aiokafka_s_on_any_batch(
+    values: list[bytes], flip: int | None
+) -> None:
+    """Data batches are checked with the crc32c package, not aiokafka's code: for any
+    batch, intact or with one byte changed (the checksum itself included), both
+    must accept or refuse it alike. (Bytes changed in the batch header's other fields
+    would change which offsets the placeholders stand for, not the verdict.)"""
+    data = bytearray(batch(0, [(value, [("h", value[:3])]) for value in values]))
+    if flip is not None and flip >= RECORDS_OFFSET:  # somewhere in the records
+        data[RECORDS_OFFSET + (flip - RECORDS_OFFSET) % (len(data) - RECORDS_OFFSET)] ^= 0x01
+    elif flip is not None:  # in the checksum itself
+        data[flip] ^= 0x01
+    expected = MemoryRecords(bytes(data)).next_batch().validate_crc()
+    records = read(bytes(data))
+    refused = any(r.headers and r.headers[0][0] == UNREADABLE for r in records)
+    assert refused == (not expected)
+    if expected:
+        assert [r.value for r in records] == values
