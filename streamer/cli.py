@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 from pydantic import ValidationError
 from pydantic_settings import CliSettingsSource, SettingsError
@@ -170,27 +172,36 @@ def _run(args: argparse.Namespace) -> int:
 GC_YOUNG_THRESHOLD = 10_000
 
 
-def tune_gc() -> None:
-    """Make the collector cheap for a long-running event loop; call once imports are done.
+@contextlib.contextmanager
+def tuned_gc() -> Iterator[None]:
+    """Make the collector cheap for a long-running event loop while serving.
 
     The event loop allocates dozens of tracked objects per record (tasks, futures,
     tuples, dataclasses), so with the defaults a young collection ran every ~20
     records and every older one walked the whole heap, torch's modules included:
     0.8-1.0 s of a 7 s drain of 30,000 records with the null model. ``gc.freeze``
-    moves what exists now (the imported modules) out of the collector's walks, and
-    a larger young threshold makes collections rarer. Cycles are still collected.
-    Measured with the host benchmark: 0.21-0.23 -> 0.18-0.20 ms of main-process CPU
-    per record (docs/BENCHMARKS.md, issue 11).
+    moves what exists on entry (the imported modules) out of the collector's walks,
+    and a larger young threshold makes collections rarer. Cycles are still
+    collected. Measured with the host benchmark: 0.21-0.23 -> 0.18-0.20 ms of
+    main-process CPU per record (docs/BENCHMARKS.md, issue 11).
+
+    On exit the heap is unfrozen and the thresholds restored, so that interpreter
+    shutdown frees it as usual: extension modules that check for leaks at exit
+    (nanobind, under torch) otherwise print hundreds of lines over the last error.
     """
+    threshold = gc.get_threshold()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 async def _serve(settings: Settings) -> int:
     from streamer.app import Service  # imports torch; only `run` needs it
 
-    tune_gc()
     # Before the first shared-memory segment would start it with the credentials.
     start_resource_tracker()
     service = Service(settings)
@@ -208,7 +219,8 @@ async def _serve(settings: Settings) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    await service.run()
+    with tuned_gc():
+        await service.run()
     return 0
 
 
