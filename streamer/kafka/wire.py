@@ -29,8 +29,9 @@ letters. A record that aiokafka reads without complaint never takes the slow pat
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ _LOG_OVERHEAD = 12  # base offset (int64) + batch length (int32)
 _MAGIC_OFFSET = 16  # then the leader epoch (int32)
 _CRC_OFFSET = 17  # then the magic byte
 _ATTRIBUTES_OFFSET = 21  # the checksum covers the rest of the batch from here
+_CHUNK = 64  # records read from a clean batch at a time
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,9 @@ class TolerantBatch:
 
     A 34 KB image is usually a batch of its own, so what aiokafka's fetcher reads of
     every batch is a plain attribute here, and the records of a batch that reads
-    cleanly are read in one go (C speed with aiokafka's C reader); only a batch
-    that fails is read record by record (``__next__``).
+    cleanly are read ``_CHUNK`` at a time (C speed with aiokafka's C reader, and
+    memory bounded however many records a compressed batch holds); from a chunk
+    that fails on, the batch is read record by record (``__next__``).
     """
 
     def __init__(self, raw: memoryview) -> None:
@@ -151,13 +154,29 @@ class TolerantBatch:
     def __iter__(self) -> Iterator[Any]:
         if self._inner is None or not self._checksum_ok:
             return self  # placeholders
-        try:
-            return iter(list(self._inner))
-        except Exception:  # any bytes a producer wrote, even with a valid CRC
-            # Read it again record by record: the records before the bad one as
-            # aiokafka reads them, the rest tolerantly.
-            self._inner = MemoryRecords(bytes(self._raw)).next_batch()
-            return self
+        return itertools.chain.from_iterable(self._chunks())
+
+    def _chunks(self) -> Iterator[Iterable[Any]]:
+        while True:
+            try:
+                chunk = list(itertools.islice(self._inner, _CHUNK))
+            except Exception:  # any bytes a producer wrote, even with a valid CRC
+                # Read it again record by record: the records before the bad one as
+                # aiokafka reads them (the fetcher skips those it already has), the
+                # rest tolerantly.
+                self._inner = MemoryRecords(bytes(self._raw)).next_batch()
+                yield self._one_by_one()
+                return
+            if not chunk:
+                return
+            yield chunk
+
+    def _one_by_one(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.__next__()
+            except StopIteration:
+                return
 
     def __next__(self) -> Any:
         if self._rest is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import pytest
 from aiokafka.consumer.fetcher import PartitionRecords
@@ -150,3 +151,31 @@ def test_the_checksum_check_agrees_with_aiokafka_s_on_any_batch(
     assert refused == (not expected)
     if expected:
         assert [r.value for r in records] == values
+
+
+@pytest.mark.parametrize("bad_index", [0, wire._CHUNK - 1, wire._CHUNK, 2 * wire._CHUNK + 5])
+def test_a_bad_header_name_in_a_later_chunk_keeps_every_record(bad_index: int) -> None:
+    count = 3 * wire._CHUNK
+    records = [(b"v%d" % i, [("NAME", b"x")] if i == bad_index else []) for i in range(count)]
+    data = with_header_name(batch(0, records), b"NAME", b"\xff\xfeAM")
+    read_back = read(data)
+    assert [(r.offset, r.value) for r in read_back] == [(i, b"v%d" % i) for i in range(count)]
+    assert metadata_error(read_back[bad_index]) is not None
+    assert all(metadata_error(r) is None for i, r in enumerate(read_back) if i != bad_index)
+
+
+def test_a_batch_of_many_records_is_not_read_all_at_once() -> None:
+    """A compressed batch can hold millions of tiny records: reading its first one
+    must not build them all (finding of the final review: an eager read did)."""
+    data = batch(0, [(b"", []) for _ in range(20_000)])
+    partition = PartitionRecords(TP, TolerantRecords(data), [], 0, None, None, True, 0)
+    tracemalloc.start()
+    try:
+        first = next(partition)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.offset == 0
+    assert peak < 3 * len(data) + 100_000, (
+        f"{peak} bytes to read one record of a {len(data)}-byte batch"
+    )
