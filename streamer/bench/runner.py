@@ -47,6 +47,7 @@ from streamer.bench.workload import (
     service_settings,
 )
 from streamer.config import Settings
+from streamer.tools.admin import delete_topics_with_prefix
 from streamer.vision.devices import cuda_device_count, resolve_devices
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,38 @@ def machine() -> dict[str, Any]:
     }
 
 
+# The stages that create topics (latency and soak run on e2e's).
+KAFKA_STAGES = frozenset({"host", "naive", "e2e", SCALE_STAGE})
+
+
 async def run(config: BenchConfig, results_dir: Path) -> dict[str, Any]:
+    """Every stage of ``config``; then, unless ``keep_topics``, delete the run's topics.
+
+    Each run's topics (named ``bench-<time>-<id>-...``) hold its whole corpus several
+    times over: a few runs would fill a developer's disk if they stayed.
+    """
+    prefix = run_prefix()
+    try:
+        return await _run(config, results_dir, prefix)
+    finally:
+        if not config.keep_topics and KAFKA_STAGES & set(config.stages):
+            await _delete_topics(config, prefix)
+
+
+async def _delete_topics(config: BenchConfig, prefix: str) -> None:
+    try:
+        names = await delete_topics_with_prefix(
+            {"bootstrap_servers": config.bootstrap_servers}, prefix
+        )
+    except Exception as exc:  # the figures are measured already: say so, keep them
+        log.warning("bench: could not delete the topics %s-*: %r", prefix, exc)
+    else:
+        log.info("bench: deleted %d topics %s-* (--keep-topics keeps them)", len(names), prefix)
+
+
+async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str, Any]:
     await asyncio.to_thread(results_dir.mkdir, parents=True, exist_ok=True)
-    settings = service_settings(config, run_prefix(), metrics_port=free_port())
+    settings = service_settings(config, prefix, metrics_port=free_port())
     threads = inference_threads(settings)
     corpus = payloads(config.corpus_size, sizes=config.corpus_sizes)
     batch_sizes = tuple(sorted({*config.ceiling_batch_sizes, config.max_batch_size}))
@@ -230,7 +260,7 @@ async def _kafka_stages(
         results["service_exit_code"] = await asyncio.to_thread(service.stop)
     if "latency" in stages and config.latency_target_ms is not None:
         results["latency_target"] = await _latency_with_target(
-            config, corpus, results["e2e"]["images_per_s"], results_dir
+            config, corpus, f"{prefix}-target", results["e2e"]["images_per_s"], results_dir
         )
     results["metrics_cost"] = metrics_cost.measure(
         results["e2e"]["images_per_s"], config.max_batch_size
@@ -238,7 +268,7 @@ async def _kafka_stages(
 
 
 async def _latency_with_target(
-    config: BenchConfig, corpus: list[bytes], peak: float, results_dir: Path
+    config: BenchConfig, corpus: list[bytes], prefix: str, peak: float, results_dir: Path
 ) -> dict[str, Any]:
     """The latency phases again, at the same rates, on a service with ``latency_target_ms``
     (its own topics and group). Like the first service, it first drains a backlog of
@@ -247,7 +277,7 @@ async def _latency_with_target(
     assert config.latency_target_ms is not None
     settings = service_settings(
         config,
-        f"{run_prefix()}-target",
+        prefix,
         metrics_port=free_port(),
         latency_target_ms=config.latency_target_ms,
     )

@@ -52,6 +52,7 @@ class BenchConfig:
     soak_samples_s: tuple[float, ...] = (120.0, 600.0)
     soak_fraction: float = 0.5
     skip_soak: bool = False
+    keep_topics: bool = False  # False: the run deletes its topics at the end (runner.run)
     stages: tuple[str, ...] = STAGES  # latency and soak need e2e (its peak sets their rate)
     # The multi-instance stage (streamer.bench.scale): one group, n instances each.
     scale_instances: tuple[int, ...] = (1, 2, 3)

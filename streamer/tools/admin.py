@@ -53,6 +53,15 @@ async def create_topics(
         return missing
 
 
+async def delete_topics_with_prefix(options: dict[str, Any], prefix: str) -> list[str]:
+    """Delete every topic whose name starts with ``prefix``; return their names."""
+    async with connected(AIOKafkaAdminClient(**options), options["bootstrap_servers"]) as admin:
+        names = sorted(n for n in await admin.list_topics() if n.startswith(prefix))
+        if names:
+            await admin.delete_topics(names)
+        return names
+
+
 @one_line_errors("create-topics")
 def _main(args: argparse.Namespace) -> int:
     s = tool_settings(args)

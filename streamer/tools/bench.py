@@ -31,6 +31,12 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--results", type=Path, default=None, help="results folder")
     parser.add_argument("--skip-soak", action="store_true", help="leave out the RSS soak")
+    parser.add_argument(
+        "--keep-topics",
+        action="store_true",
+        help="keep the run's topics (default: deleted at the end; they hold the corpus many"
+        " times over)",
+    )
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     parser.add_argument("--max-batch-size", type=int, default=None)
@@ -62,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {"bootstrap_servers": args.bootstrap_servers}
     if args.skip_soak:
         overrides["skip_soak"] = True
+    if args.keep_topics:
+        overrides["keep_topics"] = True
     for name in (
         "precision",
         "max_batch_size",

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streamer.bench import report, runner
 from streamer.bench.workload import BenchConfig
@@ -36,6 +37,15 @@ def tiny_config(bootstrap: str) -> BenchConfig:
         soak_s=4.0,
         soak_samples_s=(1.0, 4.0),
     )
+
+
+async def topics_with_prefix(bootstrap: str, prefix: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return sorted(n for n in await admin.list_topics() if n.startswith(prefix))
+    finally:
+        await admin.close()
 
 
 async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path: Path) -> None:
@@ -79,5 +89,8 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
     assert saved["latency_target"]["service_exit_code"] == 0
     assert saved["service_exit_code"] == 0
     names = {p.name for p in paths}
+    # The run's topics held the corpus many times over: deleted at the end (--keep-topics).
+    left = await topics_with_prefix(kafka_bootstrap, saved["prefix"])
+    assert left == [], f"the run left its topics: {left}"
     assert {"results.json", "summary.md", "throughput.png", "latency_cdf.png"} <= names
     assert all(p.stat().st_size > 0 for p in paths)
