@@ -18,6 +18,9 @@ this machine, in one run:
 
 The targets (issue 11): the service >= 0.8x the bare loop's records/s, and its
 main process <= 0.2 ms CPU per record at that rate.
+
+With ``profile_host`` both drains are also sampled with py-spy and split into
+Kafka client, record reading, own code and event loop (``streamer.bench.host_profile``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from streamer.bench import host_profile
 from streamer.bench.e2e import measure_drain
 from streamer.bench.kafka_io import make_topics, preload, read_outputs, throughput
 from streamer.bench.scale import predicted_total, scrape_metrics
@@ -57,7 +61,12 @@ async def run_host(
         config.partitions,
     )
     await preload(options, topics["in"], corpus, records)
-    bare = await _run_bare(options, topics, f"{prefix}-host-bare", records, results_dir)
+    profile = config.profile_host
+    if profile:
+        host_profile.py_spy()  # before any work: a missing py-spy fails at once
+    bare = await _run_bare(
+        options, topics, f"{prefix}-host-bare", records, results_dir, profile=profile
+    )
     settings = service_settings(
         config,
         f"{prefix}-host",
@@ -76,12 +85,19 @@ async def run_host(
     )
     service = ServiceProcess(settings, results_dir / "host-service.log")
     service.start()
+    sampler: host_profile.Sampler | None = None
+    raw: str | None = None
     try:
         await service.wait_ready()
         predicted_at_ready = predicted_total(
             await asyncio.to_thread(scrape_metrics, settings), topics["out"]
         )
         cpu_at_ready = process_cpu_s(service.pid)
+        sampler = (
+            host_profile.Sampler(service.pid, results_dir / "host-service-profile.txt")
+            if profile
+            else None
+        )
         drained = await measure_drain(
             service,
             options,
@@ -91,7 +107,10 @@ async def run_host(
             timeout_s=max(300.0, records * 0.5),
         )
         main_cpu_s = process_cpu_s(service.pid) - cpu_at_ready
+        raw = await sampler.stop() if sampler is not None else None
     finally:
+        if sampler is not None:
+            sampler.kill()
         exit_code = await asyncio.to_thread(service.stop)
     counted = records - predicted_at_ready
     service_result = {
@@ -101,6 +120,10 @@ async def run_host(
         "main_cpu_ms_per_record": 1000 * main_cpu_s / counted if counted > 0 else None,
         "exit_code": exit_code,
     }
+    if raw is not None:
+        service_result["profile"] = host_profile.split(
+            raw, service_result["main_cpu_ms_per_record"]
+        )
     return {
         "records": records,
         "bare": bare,
@@ -112,7 +135,12 @@ async def run_host(
 
 
 async def _run_bare(
-    options: dict[str, Any], topics: dict[str, str], group: str, records: int, results_dir: Path
+    options: dict[str, Any],
+    topics: dict[str, str],
+    group: str,
+    records: int,
+    results_dir: Path,
+    profile: bool = False,
 ) -> dict[str, Any]:
     log_path = results_dir / "host-bare.log"
     argv = [
@@ -126,16 +154,27 @@ async def _run_bare(
     bare = ChildProcess(argv, dict(os.environ), log_path)
     bare.start()
     assert bare.process is not None
+    sampler = (
+        host_profile.Sampler(bare.process.pid, results_dir / "host-bare-profile.txt")
+        if profile
+        else None
+    )
     try:
         # It exits once it has answered ``records`` records (and flushed them).
         code = await asyncio.to_thread(bare.process.wait, max(300.0, records * 0.5))
+        if code != 0:
+            raise RuntimeError(f"the bare loop exited with {code}: {log_path.read_text()[-2000:]}")
+        # py-spy writes its samples when the process it sampled exits.
+        raw = await sampler.stop() if sampler is not None else None
     finally:
         bare.stop(timeout_s=10)
-    if code != 0:
-        raise RuntimeError(f"the bare loop exited with {code}: {log_path.read_text()[-2000:]}")
+        if sampler is not None:
+            sampler.kill()
     outputs = (await read_outputs(options, topics["bare-out"]))[:records]
     result: dict[str, Any] = throughput(outputs, skip=0)
     usage = json.loads(log_path.read_text().strip().splitlines()[-1])
     result["cpu_s"] = usage["cpu_s"]
     result["cpu_ms_per_record"] = 1000 * usage["cpu_s"] / usage["records"]
+    if raw is not None:
+        result["profile"] = host_profile.split(raw, result["cpu_ms_per_record"])
     return result

@@ -102,6 +102,9 @@ def summary_table(results: dict[str, Any]) -> str:
                 f" process {_maybe(per_record, '.3f')} ms CPU/record",
             )
         )
+        for name, side in (("bare loop", bare), ("service", service)):
+            if "profile" in side:
+                rows.append((f"host path CPU per record, {name} (py-spy)", _parts(side["profile"])))
     for fraction, phase in results.get("latency", {}).items():
         rows.append(
             (
@@ -260,3 +263,16 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _parts(profile: dict[str, Any]) -> str:
+    """``Kafka client 0.041 ms, ...`` (or shares, without a CPU figure)."""
+    ms = profile["ms_per_record"]
+    return (
+        ", ".join(
+            f"{part.replace('_', ' ')} "
+            + (f"{ms[part]:.3f} ms" if part in ms else f"{100 * share:.0f}%")
+            for part, share in profile["share"].items()
+        )
+        + f" ({profile['samples']} samples)"
+    )

@@ -41,6 +41,7 @@ class BenchConfig:
     ceiling_again_at_end: bool = True  # a second sweep; per batch size the faster counts
     engine_records: int = 400
     host_records: int = 3000  # the host-path stage (null model): bare loop, then the service
+    profile_host: bool = False  # py-spy both host-stage drains (streamer.bench.host_profile)
     e2e_records: int = 600  # issue 11's cold start: 600 records from ready
     naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)

@@ -50,6 +50,12 @@ def add_parser(commands: Any) -> None:
     parser.add_argument(
         "--host-records", type=int, default=None, help="records of the host-path stage"
     )
+    parser.add_argument(
+        "--profile-host",
+        action="store_true",
+        help="sample the host stage's bare loop and service with py-spy and split their CPU"
+        " (needs ptrace permission)",
+    )
     parser.add_argument("--latency-s", type=float, default=None, help="seconds per latency phase")
     parser.add_argument("--soak-s", type=float, default=None, help="soak duration (full: 600)")
     parser.add_argument(
@@ -70,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         overrides["skip_soak"] = True
     if args.keep_topics:
         overrides["keep_topics"] = True
+    if args.profile_host:
+        overrides["profile_host"] = True
     for name in (
         "precision",
         "max_batch_size",
