@@ -55,6 +55,8 @@ async def create_topics(
 
 async def delete_topics_with_prefix(options: dict[str, Any], prefix: str) -> list[str]:
     """Delete every topic whose name starts with ``prefix``; return their names."""
+    if not prefix:
+        raise ValueError("an empty prefix would delete every topic")
     async with connected(AIOKafkaAdminClient(**options), options["bootstrap_servers"]) as admin:
         names = sorted(n for n in await admin.list_topics() if n.startswith(prefix))
         if names:

@@ -1,4 +1,5 @@
-"""The host-path profile: which part each sampled stack is charged to, and py-spy itself."""
+"""The host-path profile (which part each sampled stack is charged to, py-spy itself) and
+the benchmark's topic clean-up guard."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from streamer.bench.host_profile import (
     part_of,
     split,
 )
+from streamer.tools.admin import delete_topics_with_prefix
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -146,3 +148,9 @@ def test_a_sampler_that_is_killed_leaves_nothing_running(tmp_path: Path) -> None
 
 def _sampling(log: Path) -> bool:
     return log.exists() and "Sampling process" in log.read_text()
+
+
+async def test_deleting_topics_by_an_empty_prefix_is_refused_before_any_connection() -> None:
+    # A wrong address: had it tried to connect, the error would be another one.
+    with pytest.raises(ValueError, match="every topic"):
+        await delete_topics_with_prefix({"bootstrap_servers": "127.0.0.1:1"}, "")
