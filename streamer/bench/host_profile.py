@@ -64,12 +64,7 @@ def part_of(stack: str) -> str:
         return RECORD_READING
     if any(file.startswith(_KAFKA_FILES) for file in files):
         return KAFKA_CLIENT
-    if any(
-        file.startswith("streamer/")
-        and not file.startswith(_ENTRY_FILES)
-        and (file, function) not in _ENTRY_FRAMES
-        for file, function in frames
-    ):
+    if any(_own_name(file, function) is not None for file, function in frames):
         return OWN_CODE
     return EVENT_LOOP
 
@@ -97,7 +92,7 @@ def split(raw: str, cpu_ms_per_record: float | None) -> dict[str, Any]:
         part = part_of(stack)
         counts[part] += int(count)
         if part == OWN_CODE:
-            for name in {_own_function(frame) for frame in stack.split(";")}:
+            for name in {_own_name(*_frame(frame)) for frame in stack.split(";")}:
                 if name is not None:
                     own[name] += int(count)
     total = sum(counts.values())
@@ -120,8 +115,9 @@ def split(raw: str, cpu_ms_per_record: float | None) -> dict[str, Any]:
     return result
 
 
-def _own_function(frame: str) -> str | None:
-    file, function = _frame(frame)
+def _own_name(file: str, function: str) -> str | None:
+    """``streamer.module.function`` for a frame of the process's own code, else None
+    (another package's frame, or one of the entry frames on every stack)."""
     if not file.startswith("streamer/") or file.startswith(_ENTRY_FILES):
         return None
     if (file, function) in _ENTRY_FRAMES:
