@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import time
 from collections.abc import Awaitable
@@ -53,7 +54,10 @@ class Service:
         self.metrics.declare_topics(settings.input_topic, settings.output_topic, settings.dlq_topic)
         self.engine = Engine(settings, self.metrics)
         self._permits = asyncio.Semaphore(settings.max_in_flight)
-        self._in_flight: set[asyncio.Task[None]] = set()  # each holds a permit
+        # Each holds a permit; keyed by a sequence number that its own task removes
+        # (looking the task up with asyncio.current_task() cost more per record).
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._sequence = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -181,7 +185,7 @@ class Service:
                 "draining in_flight=%d timeout_s=%.1f", len(self._in_flight), s.drain_timeout_s
             )
             _, pending = await asyncio.wait(
-                list(self._in_flight), timeout=s.drain_timeout_s or None
+                list(self._in_flight.values()), timeout=s.drain_timeout_s or None
             )
             if pending:
                 log.warning(
@@ -234,14 +238,15 @@ class Service:
                 # whoever owns the partition now fetches it again from the committed offset.
                 self._permits.release()
                 continue
-            task = asyncio.create_task(
-                self._handle(record, ticket, fetched_at, time.perf_counter() - fetched_at),
+            number = next(self._sequence)
+            # The task cannot run before this loop awaits again: it is in the dict first.
+            self._in_flight[number] = asyncio.create_task(
+                self._handle(number, record, ticket, fetched_at, time.perf_counter() - fetched_at),
                 name=f"record-{record.topic}-{record.partition}-{record.offset}",
             )
-            self._in_flight.add(task)
 
     async def _handle(
-        self, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
+        self, number: int, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
     ) -> None:
         assert self._processor is not None and self._delivery is not None
         try:
@@ -260,7 +265,7 @@ class Service:
             )
             self._fail(exc)
         finally:
-            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._in_flight.pop(number, None)
             self._permits.release()
 
     async def _commit_loop(self) -> None:
