@@ -6,9 +6,10 @@ wait for more (``fill_wait_s``). ``FixedPolicy`` answers with the settings
 (``max_batch_size``, ``max_batch_delay_ms``), the behaviour without a target.
 
 ``LatencyTargetPolicy`` answers from a p99 end-to-end target (``latency_target_ms``),
-the measured batch-time table ``t(b)`` (the same table the hang deadlines learn,
-``BatchDeadlines.expected_s``) and the backlog (records already on their way to
-the batcher, i.e. being decoded):
+the batch-time table ``t(b)`` (``BatchTimes``: the time the inference worker itself
+spends on a batch, measured while serving, shaped by the table it measured as it
+loaded) and the backlog (records already on their way to the batcher, i.e. being
+decoded):
 
 1. **Lag: drain.** When the queued records plus the backlog fill a batch of
    ``max_batch_size``, throughput matters more than the wait of any one record:
@@ -41,10 +42,15 @@ a fake table. Its state is owned by the engine's event loop; nothing else change
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
+
+from streamer.pipeline.deadlines import SecondsBySize
+
+log = logging.getLogger(__name__)
 
 BatchTime = Callable[[int], float | None]  # t(b): seconds a batch of b takes; None: unknown
 
@@ -84,6 +90,59 @@ def best_batch_size(batch_seconds: dict[int, float], within: float = 0.05) -> in
         return max(batch_seconds)
     best = max(rates.values())
     return min(size for size, rate in rates.items() if rate >= (1 - within) * best)
+
+
+class BatchTimes:
+    """t(b) for choosing batch sizes: seconds the inference worker spends on a batch.
+
+    Measured from the worker's own clock (``BatchResult.forward_s``), not from the
+    request's round trip: with two batches in flight per device the second one's
+    round trip includes the first one's turn, and a policy that read round trips
+    believed the device half as fast as it was (benchmark of 2026-12-04, 90% of
+    peak: it gave up on the budget and drained with batches of 8, p99 1.16 s where
+    batches of 4 without a target kept p99 at 0.65 s).
+
+    A size measured gives its own time; another size takes the shape of the
+    load-time table (``use_table``: forward passes on an idle machine), scaled by how
+    much slower the measured sizes ran than the table says, interpolated between its
+    sizes. The table alone is too optimistic while decode and Kafka share the cores;
+    the measured sizes alone would leave a policy that has seen one size blind to the
+    others. Beyond the table, or without one, ``SecondsBySize.estimate`` bounds it.
+
+    Owned by the engine, on its event loop: it observes every answered batch.
+    """
+
+    def __init__(self) -> None:
+        self._seconds = SecondsBySize()
+        self._table: dict[int, float] = {}
+
+    def use_table(self, table: dict[int, float]) -> None:
+        self._table = dict(sorted(table.items()))
+
+    def observe(self, size: int, seconds: float) -> None:
+        self._seconds.observe(size, seconds)
+
+    def estimated_s(self, size: int) -> float | None:
+        """t(size); None before any batch was measured (a table alone is not trusted)."""
+        measured = self._seconds.measured
+        if size in measured:
+            return measured[size]
+        table = self._table
+        shape = _interpolate(table, size) if table else None
+        ratios = [t / table[m] for m, t in measured.items() if table.get(m)]
+        if shape is None or not ratios:
+            return self._seconds.estimate(size)
+        return shape * sum(ratios) / len(ratios)
+
+
+def _interpolate(table: dict[int, float], size: int) -> float | None:
+    """t(size) from a table of sizes (sorted), linear between the two around it."""
+    below = [(b, t) for b, t in table.items() if b <= size]
+    above = [(b, t) for b, t in table.items() if b >= size]
+    if not below or not above:
+        return None
+    (b0, t0), (b1, t1) = below[-1], above[0]
+    return t0 if b1 == b0 else t0 + (t1 - t0) * (size - b0) / (b1 - b0)
 
 
 class FixedPolicy:
@@ -175,6 +234,20 @@ class LatencyTargetPolicy:
             self.factor = max(MIN_FACTOR, self.factor * DECREASE)
         else:
             self.factor = min(1.0, self.factor + INCREASE)
+        t = self.batch_time_s(self.chosen_size)
+        log.debug(
+            "latency target p99_s=%.3f target_s=%.3f factor=%.2f size=%d t_s=%s rate_per_s=%.1f",
+            self.p99_s,
+            self.target_s,
+            self.factor,
+            self.chosen_size,
+            "unknown" if t is None else f"{t:.4f}",
+            self.rate_per_s,
+        )
+
+    def batch_time_s(self, size: int) -> float | None:
+        """t(size) as the policy sees it (the injected table); None: unknown."""
+        return self._t(size)
 
     def _budget_size(self) -> int:
         """The smallest batch about as efficient as any (``best_batch_size`` over t(b)),

@@ -53,39 +53,12 @@ class BatchDeadlines:
     def __init__(self, ceiling_s: float, *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.ceiling_s = ceiling_s
         self._clock = clock
-        self._seconds: dict[int, float] = {}  # batch size -> EWMA of answered requests
+        self._seconds = SecondsBySize()  # of answered requests, sent to reply
         self._in_flight: Counter[int] = Counter()  # batch size -> requests awaiting a reply
-        self._table: dict[int, float] = {}  # the load-time batch-time table (use_table)
 
     def expected_s(self, size: int) -> float | None:
         """Seconds a batch of ``size`` is expected to take; None before any measurement."""
-        if size in self._seconds:
-            return self._seconds[size]
-        bounds = [t * max(1.0, size / m) for m, t in self._seconds.items()]
-        return min(bounds) if bounds else None
-
-    def use_table(self, table: dict[int, float]) -> None:
-        """The batch-time table measured as the model loaded (forward passes on an
-        idle machine): the shape of t(b) for ``estimated_s``, never a deadline."""
-        self._table = dict(sorted(table.items()))
-
-    def estimated_s(self, size: int) -> float | None:
-        """t(size) for choosing batch sizes: the measured time where there is one, else
-        the load-time table scaled by how much slower measured requests ran than the
-        table says (interpolated between its sizes), else ``expected_s``.
-
-        The table alone is too optimistic while decode and Kafka share the cores; the
-        measured sizes alone leave a policy that has only seen one size blind to the
-        others (it drained with batches of 32 where 8 was a third faster).
-        """
-        if size in self._seconds:
-            return self._seconds[size]
-        table = self._table
-        shape = _interpolate(table, size) if table else None
-        ratios = [t / table[m] for m, t in self._seconds.items() if table.get(m)]
-        if shape is None or not ratios:
-            return self.expected_s(size)
-        return shape * sum(ratios) / len(ratios)
+        return self._seconds.estimate(size)
 
     def deadline_s(self, size: int) -> float:
         """The deadline for a batch of ``size`` sent now, behind the requests in flight."""
@@ -97,10 +70,7 @@ class BatchDeadlines:
         return min(self.ceiling_s, max(MIN_DEADLINE_S, HANG_FACTOR * expected))
 
     def observe(self, size: int, seconds: float) -> None:
-        previous = self._seconds.get(size)
-        self._seconds[size] = (
-            seconds if previous is None else previous + EWMA_WEIGHT * (seconds - previous)
-        )
+        self._seconds.observe(size, seconds)
 
     @contextmanager
     def request(self, size: int) -> Iterator[float]:
@@ -118,11 +88,23 @@ class BatchDeadlines:
         self.observe(size, self._clock() - started)
 
 
-def _interpolate(table: dict[int, float], size: int) -> float | None:
-    """t(size) from a table of sizes (sorted), linear between the two around it."""
-    below = [(b, t) for b, t in table.items() if b <= size]
-    above = [(b, t) for b, t in table.items() if b >= size]
-    if not below or not above:
-        return None
-    (b0, t0), (b1, t1) = below[-1], above[0]
-    return t0 if b1 == b0 else t0 + (t1 - t0) * (size - b0) / (b1 - b0)
+class SecondsBySize:
+    """How long a batch of each size takes: an exponentially weighted mean per size
+    measured, and for a size not measured the smallest bound ``t(m) * max(1, n / m)``
+    (module docstring). Owned by whoever measures; nothing else changes it."""
+
+    def __init__(self) -> None:
+        self.measured: dict[int, float] = {}  # batch size -> EWMA of its times
+
+    def observe(self, size: int, seconds: float) -> None:
+        previous = self.measured.get(size)
+        self.measured[size] = (
+            seconds if previous is None else previous + EWMA_WEIGHT * (seconds - previous)
+        )
+
+    def estimate(self, size: int) -> float | None:
+        """Seconds a batch of ``size`` takes; None before any measurement."""
+        if size in self.measured:
+            return self.measured[size]
+        bounds = [t * max(1.0, size / m) for m, t in self.measured.items()]
+        return min(bounds) if bounds else None

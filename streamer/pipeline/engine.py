@@ -47,6 +47,7 @@ from streamer.errors import (
 )
 from streamer.metrics import Metrics
 from streamer.pipeline.batch_policy import (
+    BatchTimes,
     FixedPolicy,
     LatencyTargetPolicy,
     best_batch_size,
@@ -121,6 +122,7 @@ class Engine:
         self.inference: WorkerPool | None = None
         self._batcher: Batcher[BatchEntry, _Result] | None = None
         self.deadlines = BatchDeadlines(settings.worker_timeout_s)
+        self.batch_times = BatchTimes()  # the worker's own seconds per batch, for the policy
         delay_s = settings.max_batch_delay_ms / 1000.0
         self.policy: FixedPolicy | LatencyTargetPolicy = (
             FixedPolicy(settings.max_batch_size, delay_s)
@@ -129,7 +131,7 @@ class Engine:
                 settings.latency_target_ms / 1000.0,
                 settings.max_batch_size,
                 delay_s,
-                self.deadlines.estimated_s,
+                self.batch_times.estimated_s,
             )
         )
         self._decoding = 0  # records in the decode stage: the batcher's backlog
@@ -210,13 +212,13 @@ class Engine:
         Without a latency target, batches are at most the size with the best images/s
         (``batch_size_from_table``). With one, the table gives the policy the shape of
         t(b) for sizes it has not run yet, scaled by the times it measures
-        (``BatchDeadlines.estimated_s``). Its idle-machine times alone were too
+        (``BatchTimes.estimated_s``). Its idle-machine times alone were too
         optimistic: a policy that believed them chose batches too small to keep up
         (benchmark of 2026-12-03: p99 1.8 s at 90% of peak).
         """
         if not batch_seconds:
             return
-        self.deadlines.use_table(batch_seconds)
+        self.batch_times.use_table(batch_seconds)
         if not isinstance(self.policy, FixedPolicy):
             return
         best = best_batch_size(batch_seconds)
@@ -366,6 +368,7 @@ class Engine:
     ) -> list[_Result]:
         self._record_device(result)
         n = len(entries)
+        self.batch_times.observe(n, result.forward_s)
         items: list[_Result] = [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)

@@ -197,17 +197,15 @@ def test_the_timed_sizes_are_powers_of_two_up_to_the_max() -> None:
 def test_the_policy_sees_sizes_it_has_not_run_through_the_scaled_load_time_table() -> None:
     """Benchmark 2026-12-03: a policy that had only run batches of 32 drained with 32,
     where 8 was a third faster per record, and never caught up at 90% of peak."""
-    from streamer.pipeline.deadlines import BatchDeadlines
-
-    deadlines = BatchDeadlines(60.0)
+    times = batch_policy.BatchTimes()
     table = {1: 0.028, 2: 0.043, 4: 0.067, 8: 0.133, 16: 0.287, 32: 0.700}
-    assert deadlines.estimated_s(8) is None  # nothing measured, no table: unknown
-    deadlines.use_table(table)
-    assert deadlines.estimated_s(8) is None  # a table alone is not trusted
-    deadlines.observe(32, 0.910)  # requests run 1.3x the idle-machine forward pass
-    assert deadlines.estimated_s(32) == pytest.approx(0.910)
-    assert deadlines.estimated_s(8) == pytest.approx(0.133 * 1.3)
-    assert deadlines.estimated_s(12) == pytest.approx((0.133 + 0.287) / 2 * 1.3)
-    assert deadlines.estimated_s(64) == deadlines.expected_s(64)  # beyond the table
-    p = LatencyTargetPolicy(0.5, 32, 0.05, deadlines.estimated_s)
+    assert times.estimated_s(8) is None  # nothing measured, no table: unknown
+    times.use_table(table)
+    assert times.estimated_s(8) is None  # a table alone is not trusted
+    times.observe(32, 0.910)  # the worker runs 1.3x slower than on an idle machine
+    assert times.estimated_s(32) == pytest.approx(0.910)
+    assert times.estimated_s(8) == pytest.approx(0.133 * 1.3)
+    assert times.estimated_s(12) == pytest.approx((0.133 + 0.287) / 2 * 1.3)
+    assert times.estimated_s(64) == pytest.approx(0.910 * 2)  # beyond the table: bounded
+    p = LatencyTargetPolicy(0.5, 32, 0.05, times.estimated_s)
     assert p.size_limit(queued=200, backlog=100) < 32  # drains with a faster size
