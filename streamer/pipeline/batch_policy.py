@@ -95,9 +95,10 @@ def best_batch_size(batch_seconds: dict[int, float], within: float = 0.05) -> in
 class BatchTimes:
     """t(b) for choosing batch sizes: seconds the inference worker spends on a batch.
 
-    Measured from the worker's own clock (``BatchResult.forward_s``), not from the
-    request's round trip: with two batches in flight per device the second one's
-    round trip includes the first one's turn, and a policy that read round trips
+    Measured on the worker's own clock (``BatchResult.handled_s``: gathering the
+    rows, decoding on the device, the forward pass), not as the request's round
+    trip: with two batches in flight per device the second one's round trip
+    includes the first one's turn, and a policy that read round trips
     believed the device half as fast as it was (benchmark of 2026-12-04, 90% of
     peak: it gave up on the budget and drained with batches of 8, p99 1.16 s where
     batches of 4 without a target kept p99 at 0.65 s).

@@ -368,7 +368,7 @@ class Engine:
     ) -> list[_Result]:
         self._record_device(result)
         n = len(entries)
-        self.batch_times.observe(n, result.forward_s)
+        self.batch_times.observe(n, result.handled_s or result.forward_s)
         items: list[_Result] = [
             _BatchItem(i, s, n, result.forward_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)

@@ -14,6 +14,7 @@ JPEG it cannot take from a broken one, so the CPU path decides which it is.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,7 @@ def batch_handler(
     pixels = torch.from_numpy(pixels_array)  # shares the segment, no copy
 
     def handle(entries: list[BatchEntry]) -> BatchResult:
+        started = time.perf_counter()
         slots = torch.tensor([e.slot for e in entries], dtype=torch.long)
         batch = pixels.index_select(0, slots)
         device_rows, cpu_decode = _decode_deferred(entries)
@@ -46,7 +48,9 @@ def batch_handler(
             result = classifier.classify(batch, device_rows)
         except Exception as exc:  # e.g. CUDA out of memory: every record of the batch retries
             raise InferenceFailed(f"{type(exc).__name__}: {exc}") from exc
-        return dataclasses.replace(result, cpu_decode=cpu_decode) if cpu_decode else result
+        return dataclasses.replace(
+            result, cpu_decode=cpu_decode, handled_s=time.perf_counter() - started
+        )
 
     def _decode_deferred(
         entries: list[BatchEntry],

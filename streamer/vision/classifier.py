@@ -54,6 +54,9 @@ class BatchResult:
     # Entries (by position) whose JPEG the device could not decode: their scores are
     # void, and a decode worker decodes them on the CPU for a later batch.
     cpu_decode: tuple[int, ...] = ()
+    # The worker's whole time on the batch (gathering rows, device decode, forward
+    # pass): what the batch costs the device, for choosing batch sizes. 0: not measured.
+    handled_s: float = 0.0
 
 
 class Classifier:

@@ -67,3 +67,18 @@ def test_a_batch_the_device_decodes_entirely_has_no_cpu_work() -> None:
     result = handle([BatchEntry(i, len(p), 1) for i, p in enumerate(payloads)])
     assert result.cpu_decode == ()
     assert len(result.indices) == 2
+
+
+def test_the_handled_time_counts_the_device_decode_as_well_as_the_forward_pass() -> None:
+    """The latency-target policy sizes batches by what a batch costs the worker: with
+    JPEGs decoded on the device that is more than the forward pass alone."""
+    payloads = [bytearray(jpeg(5)), bytearray(jpeg(6))]
+    handle = batch_handler(
+        Classifier(InferenceConfig(WeightsSpec.parse("random:0"), warmup_batch=1)),
+        JpegBatchDecoder("cpu"),
+        np.zeros((2, 3, 224, 224), dtype=np.uint8),
+        lambda slot, length: memoryview(payloads[slot])[:length],
+    )
+    result = handle([BatchEntry(i, len(p), 1) for i, p in enumerate(payloads)])
+    assert result.cpu_decode == ()
+    assert result.handled_s > result.forward_s > 0

@@ -186,13 +186,15 @@ class QueuedPool:
     """Stands in for an inference worker that spends ``forward_s`` on each batch while
     the request's round trip is longer: it waited behind the batch ahead of it."""
 
-    def __init__(self, forward_s: float, round_trip_s: float) -> None:
-        self.forward_s = forward_s
+    def __init__(self, handled_s: float, round_trip_s: float) -> None:
+        self.handled_s = handled_s
         self.round_trip_s = round_trip_s
 
     async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
         await asyncio.sleep(self.round_trip_s)  # the batch ahead's turn, then this one's
-        return BatchResult([[s] for s in slots], [[1.0] for _ in slots], self.forward_s)
+        scores = [[1.0] for _ in slots]
+        forward_s = self.handled_s * 0.9  # the rest: gathering rows, device decode
+        return BatchResult([[s] for s in slots], scores, forward_s, handled_s=self.handled_s)
 
 
 async def test_the_latency_target_sees_the_worker_s_own_batch_time_not_the_round_trip() -> None:
@@ -204,7 +206,7 @@ async def test_the_latency_target_sees_the_worker_s_own_batch_time_not_the_round
     settings = Settings(weights="random:0", device="cpu", latency_target_ms=500)
     engine = Engine(settings, Metrics())
     engine.use_batch_table({1: 0.010, 2: 0.016, 4: 0.030})
-    engine.inference = QueuedPool(forward_s=0.036, round_trip_s=0.2)  # type: ignore[assignment]
+    engine.inference = QueuedPool(handled_s=0.036, round_trip_s=0.2)  # type: ignore[assignment]
     await engine._infer([1, 2, 3, 4])
     assert isinstance(engine.policy, LatencyTargetPolicy)
     assert engine.policy.batch_time_s(4) == pytest.approx(0.036)
