@@ -253,7 +253,7 @@ class Service:
             outcome = await self._processor.process(record, fetched_at, permit_wait_s)
             sent = time.perf_counter()
             written = await self._delivery.deliver(ticket, outcome)
-            self._processor.delivered(record, written, time.perf_counter() - sent)
+            self._processor.delivered(record, written, time.perf_counter() - sent, fetched_at)
         except (DeliveryAbandoned, asyncio.CancelledError):
             pass  # stopping, or the partition moved: uncommitted, so processed again
         except Exception as exc:

@@ -33,8 +33,10 @@ decoded):
    ``target x factor``. Every ``ADJUST_EVERY`` latencies observed in steady
    state, the p99 of the last ``WINDOW`` is compared with the target: above it,
    the factor is cut by ``DECREASE``; below it, it grows by ``INCREASE`` up to 1.
-   Latencies observed while lagging are queueing the policy cannot help, and do
-   not count.
+   Latencies observed while lagging, and those of records that reached the
+   service later than the target (a backlog left while it was down or starting:
+   ``Engine.observe_latency``), are queueing the policy cannot help, and do not
+   count.
 
 The policy is pure logic over an injected ``t(b)`` and clock: tests drive it with
 a fake table. Its state is owned by the engine's event loop; nothing else changes it.

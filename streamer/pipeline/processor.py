@@ -93,14 +93,18 @@ class RecordProcessor:
         )
         return prediction(record, c.output_topic, value, c.dlq_topic, c.group_id, event)
 
-    def delivered(self, record: Record, outcome: Outcome, produce_s: float) -> None:
-        """Count an outcome once it is durable (acked, or committed in a transaction)."""
+    def delivered(
+        self, record: Record, outcome: Outcome, produce_s: float, fetched_at: float
+    ) -> None:
+        """Count an outcome once it is durable (acked, or committed in a transaction);
+        ``fetched_at``: ``time.perf_counter()`` when the record was fetched."""
         m = self._metrics
         m.observe_stage("produce", produce_s)
         if outcome.dead_letter_reason is None:
             end_to_end = time.time() - record.timestamp / 1000.0
             m.observe_stage("end_to_end", end_to_end)
-            self._engine.observe_latency(end_to_end)
+            in_service = time.perf_counter() - fetched_at
+            self._engine.observe_latency(end_to_end, max(0.0, end_to_end - in_service))
             m.count_predicted(outcome.topic)
         else:
             m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()

@@ -10,6 +10,7 @@ import pytest
 from streamer.config import Settings
 from streamer.errors import DecodeError, InferenceFailed, RetriesExhausted, WorkerCrashed
 from streamer.metrics import Metrics
+from streamer.pipeline import batch_policy
 from streamer.pipeline.batch_policy import LatencyTargetPolicy
 from streamer.pipeline.engine import _CPU_DECODE, Engine, _BatchItem
 from streamer.vision.classifier import BatchResult
@@ -214,6 +215,21 @@ async def test_the_latency_target_sees_the_worker_s_own_batch_time_not_the_round
     assert engine.policy.batch_time_s(2) == pytest.approx(0.016 * 1.2)
     # The hang deadlines still learn the round trip (a request waits behind others).
     assert engine.deadlines.expected_s(4) is not None and engine.deadlines.expected_s(4) >= 0.2
+
+
+def test_records_that_reach_the_service_already_late_do_not_correct_the_latency_target() -> None:
+    """Benchmark 2026-12-04: records preloaded before the service started reached it
+    36-38 s late; counted, they cut the budget to the floor (batches of 1) for the
+    first minute of the steady phase that followed."""
+    settings = Settings(weights="random:0", device="cpu", latency_target_ms=500)
+    engine = Engine(settings, Metrics())
+    assert isinstance(engine.policy, LatencyTargetPolicy)
+    for _ in range(4 * batch_policy.ADJUST_EVERY):  # a backlog: 37 s of it in Kafka
+        engine.observe_latency(38.0, fetched_after_s=37.0)
+    assert engine.policy.factor == 1.0 and engine.policy.p99_s is None
+    for _ in range(batch_policy.ADJUST_EVERY):  # late because of the service: counted
+        engine.observe_latency(0.9, fetched_after_s=0.1)
+    assert engine.policy.factor < 1.0 and engine.policy.p99_s == pytest.approx(0.9)
 
 
 def test_with_batch_size_from_table_off_max_batch_size_stays() -> None:

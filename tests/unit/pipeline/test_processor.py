@@ -33,9 +33,11 @@ class FakeEngine:
         self.error = error
         self.payloads: list[bytes] = []
         self.latencies: list[float] = []
+        self.fetched_after: list[float] = []
 
-    def observe_latency(self, seconds: float) -> None:
+    def observe_latency(self, seconds: float, fetched_after_s: float = 0.0) -> None:
         self.latencies.append(seconds)
+        self.fetched_after.append(fetched_after_s)
 
     async def classify(self, payload: bytes) -> Classified:
         self.payloads.append(payload)
@@ -49,9 +51,9 @@ def processor(engine: FakeEngine, **settings: object) -> RecordProcessor:
     return RecordProcessor(config, engine, Metrics(), ["zero", "one"])  # type: ignore[arg-type]
 
 
-def record(value: bytes, headers: list[tuple[str, bytes]]) -> ConsumerRecord:
-    now_ms = int(time.time() * 1000)
-    return ConsumerRecord("in", 0, 3, now_ms, 0, b"key", value, None, 0, 0, tuple(headers))
+def record(value: bytes, headers: list[tuple[str, bytes]], age_s: float = 0.0) -> ConsumerRecord:
+    written_ms = int((time.time() - age_s) * 1000)
+    return ConsumerRecord("in", 0, 3, written_ms, 0, b"key", value, None, 0, 0, tuple(headers))
 
 
 async def test_by_default_a_prediction_has_the_stable_contract_only() -> None:
@@ -140,6 +142,19 @@ async def test_a_delivered_prediction_reports_its_end_to_end_latency_to_the_engi
     engine = FakeEngine()
     p = processor(engine)
     source = record(IMAGE, [])
-    outcome = await p.process(source, time.perf_counter(), 0.0)
-    p.delivered(source, outcome, 0.001)
+    fetched_at = time.perf_counter()
+    outcome = await p.process(source, fetched_at, 0.0)
+    p.delivered(source, outcome, 0.001, fetched_at)
     assert len(engine.latencies) == 1 and 0 <= engine.latencies[0] < 5
+    assert 0 <= engine.fetched_after[0] <= engine.latencies[0]
+
+
+async def test_a_record_fetched_long_after_it_was_written_reports_its_time_in_kafka() -> None:
+    engine = FakeEngine()
+    p = processor(engine)
+    source = record(IMAGE, [], age_s=40.0)
+    fetched_at = time.perf_counter()
+    outcome = await p.process(source, fetched_at, 0.0)
+    p.delivered(source, outcome, 0.001, fetched_at)
+    assert engine.latencies[0] == pytest.approx(40.0, abs=2.0)
+    assert engine.fetched_after[0] == pytest.approx(40.0, abs=2.0)  # all of it in Kafka
