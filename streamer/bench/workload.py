@@ -42,6 +42,7 @@ class BenchConfig:
     engine_records: int = 400
     host_records: int = 3000  # the host-path stage (null model): bare loop, then the service
     profile_host: bool = False  # py-spy both host-stage drains (streamer.bench.host_profile)
+    service_log_level: str = "WARNING"  # DEBUG shows the latency-target policy's corrections
     e2e_records: int = 600  # issue 11's cold start: 600 records from ready
     naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)
@@ -141,7 +142,7 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         "max_batch_size": config.max_batch_size,
         "max_batch_delay_ms": config.max_batch_delay_ms,
         "max_in_flight": config.max_in_flight,
-        "log_level": "WARNING",
+        "log_level": config.service_log_level,
         # The benchmark reads each prediction's batch size (kafka_io.read_outputs).
         "include_timings": True,
     }

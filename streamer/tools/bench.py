@@ -65,6 +65,12 @@ def add_parser(commands: Any) -> None:
         " all), or scale; --gpu runs device_check,ceiling,engine",
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--service-log-level",
+        default=None,
+        help="the services' log level (default WARNING; DEBUG logs each correction of the"
+        " latency-target policy in service-target.log)",
+    )
     parser.set_defaults(func=_main)
 
 
@@ -91,6 +97,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "host_records",
         "latency_s",
         "soak_s",
+        "service_log_level",
     ):
         value = getattr(args, name)
         if value is not None:

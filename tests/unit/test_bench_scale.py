@@ -160,3 +160,13 @@ def test_the_documented_command_selects_the_full_scale_stage() -> None:
         6,
         900,
     )
+
+
+def test_the_services_log_at_warning_unless_the_bench_is_told_otherwise() -> None:
+    from streamer.bench.workload import service_settings
+
+    quiet = config_from_args(cli.build_parser().parse_args(["bench", "--stages", "e2e"]))
+    assert service_settings(quiet, "p").log_level == "WARNING"
+    args = ["bench", "--stages", "e2e,latency", "--service-log-level", "DEBUG"]
+    debug = config_from_args(cli.build_parser().parse_args(args))
+    assert service_settings(debug, "p").log_level == "DEBUG"
