@@ -389,22 +389,15 @@ class Engine:
         self.metrics.batch_size_limit.set(info.limit)
 
     def observe_latency(self, seconds: float, fetched_after_s: float = 0.0) -> None:
-        """A prediction's end-to-end latency, for the latency-target policy, and how long
-        after it was written the record was fetched (its time in Kafka).
-
-        A record fetched later than the target itself, or one that finishes while the
-        batcher lags, was delayed by queueing no batch size could help (a backlog
-        left while the service was down or starting, or one it is draining): its
-        latency does not correct the policy. Benchmark of 2026-12-04: the 600
-        records preloaded before the service started reached it 36-38 s late, and
-        the policy, counting them, cut its budget to the floor (batches of 1) for
-        the first minute of the steady phase that followed.
-        """
+        """A prediction's end-to-end latency and how long after it was written the
+        record was fetched, for the latency-target policy (``LatencyTargetPolicy.observe``)."""
         if isinstance(self.policy, LatencyTargetPolicy):
             queued = self._batcher.queued if self._batcher is not None else 0
-            lagging = self.policy.lagging(queued, self._decoding)
-            late = fetched_after_s > self.policy.target_s
-            self.policy.observe(seconds, lagging=lagging or late)
+            self.policy.observe(
+                seconds,
+                lagging=self.policy.lagging(queued, self._decoding),
+                fetched_after_s=fetched_after_s,
+            )
             headroom = self.policy.headroom_s
             if headroom is not None:
                 self.metrics.latency_headroom.set(headroom)

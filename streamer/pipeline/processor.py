@@ -103,8 +103,7 @@ class RecordProcessor:
         if outcome.dead_letter_reason is None:
             end_to_end = time.time() - record.timestamp / 1000.0
             m.observe_stage("end_to_end", end_to_end)
-            in_service = time.perf_counter() - fetched_at
-            self._engine.observe_latency(end_to_end, max(0.0, end_to_end - in_service))
+            self._engine.observe_latency(end_to_end, _time_in_kafka(record, fetched_at))
             m.count_predicted(outcome.topic)
         else:
             m.records_dead_lettered.labels(outcome.topic, outcome.dead_letter_reason).inc()
@@ -121,7 +120,7 @@ class RecordProcessor:
         """The prediction's JSON (``schemas.Prediction``, built by ``prediction_json``)."""
         result = await self._engine.classify(envelope.image)
         now = time.perf_counter()
-        kafka_s = max(0.0, time.time() - record.timestamp / 1000.0 - (now - fetched_at))
+        kafka_s = _time_in_kafka(record, fetched_at)
         m = self._metrics
         m.observe_stage("kafka", kafka_s)
         m.observe_stage("permit_wait", permit_wait_s)
@@ -158,3 +157,9 @@ class RecordProcessor:
             error,
         )
         return dead_letter(record, error, self._config.dlq_topic, self._config.group_id)
+
+
+def _time_in_kafka(record: Record, fetched_at: float) -> float:
+    """Seconds from the record's timestamp (CreateTime) to its fetch at ``fetched_at``
+    (``time.perf_counter()``): the wall clock now, less the time since the fetch."""
+    return max(0.0, time.time() - record.timestamp / 1000.0 - (time.perf_counter() - fetched_at))

@@ -102,6 +102,16 @@ def test_latencies_observed_under_lag_do_not_move_the_budget() -> None:
     assert p.factor == 1.0 and p.p99_s is None
 
 
+def test_records_fetched_later_than_the_target_do_not_move_the_budget() -> None:
+    p = policy(target_s=0.5)
+    for _ in range(10 * batch_policy.ADJUST_EVERY):  # a backlog left while it was down
+        p.observe(38.0, lagging=False, fetched_after_s=37.0)
+    assert p.factor == 1.0 and p.p99_s is None
+    for _ in range(batch_policy.ADJUST_EVERY):  # fetched in time, late in the service
+        p.observe(0.9, lagging=False, fetched_after_s=0.4)
+    assert p.factor < 1.0 and p.p99_s == pytest.approx(0.9)
+
+
 def test_the_factor_never_falls_below_its_floor() -> None:
     p = policy(target_s=0.5)
     for _ in range(50 * batch_policy.ADJUST_EVERY):
