@@ -142,6 +142,11 @@ class Settings(BaseSettings):
         "auto",
         description="where JPEGs are decoded; auto: on the inference device when it is CUDA",
     )
+    device_jpeg_library: Literal["torchvision", "nvimgcodec"] = Field(
+        "torchvision",
+        description="what decodes JPEGs on the device: torchvision (nvjpeg) or nvimgcodec"
+        " (nvImageCodec, optional: pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg)",
+    )
 
     # Throughput and memory bounds
     max_in_flight: int = Field(

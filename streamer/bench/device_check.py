@@ -12,7 +12,8 @@ service's ``Classifier`` on the same device):
   (``vision.decode``) is at most ``MAX_MEAN_LEVELS`` (the two IDCTs and resizes
   differ by a level or two; a corrupted image by tens);
 - **determinism**: every round gives the same pixels as the first (a race does not);
-- **answers**: the top-5 classes are those of the CPU-decoded pixels, in order.
+- **answers**: the top-5 classes are those of the CPU-decoded pixels, in order, where
+  only classes whose CPU scores tie (within ``TIE``) may swap.
 
 Any failure raises ``DeviceDecodeMismatch`` naming the images. The same code runs
 with ``device="cpu"`` (tests/unit/test_device_check.py).
@@ -32,6 +33,10 @@ from streamer.vision.models import WeightsSpec
 
 MAX_MEAN_LEVELS = 2.0  # mean |device - CPU| per pixel, in 0-255 levels
 TOP = 5
+# CPU-path scores closer than this are a tie: the device may rank those classes either
+# way. Seen on an H200 (docs/BENCHMARKS.md): nvjpeg's pixels, 0.49 levels from the CPU
+# path's, swapped ranks 2 and 3 of one image whose CPU scores were both 0.02331.
+TIE = 1e-4
 
 Decoder = Callable[[list[EncodedJpeg]], list[Any]]
 
@@ -43,6 +48,17 @@ class DeviceDecodeMismatch(RuntimeError):
 def encoded(image: bytes) -> EncodedJpeg:
     orientation = probe(open_image(image, DecodeLimits())) or 1
     return EncodedJpeg(torch.frombuffer(bytearray(image), dtype=torch.uint8), orientation)
+
+
+def same_ranking(device_top: list[int], cpu_top: list[int], cpu_scores: list[float]) -> bool:
+    """The CPU path's top-k in its order, where classes tied on the CPU may come either way.
+
+    Each rank must hold a class of the CPU top-k whose CPU score is within ``TIE`` of the
+    score the CPU path has at that rank."""
+    score = dict(zip(cpu_top, cpu_scores, strict=True))
+    return len(device_top) == len(cpu_top) and all(
+        c in score and abs(score[c] - cpu_scores[rank]) <= TIE for rank, c in enumerate(device_top)
+    )
 
 
 def check(
@@ -58,7 +74,8 @@ def check(
     decode_batch = decoder or JpegBatchDecoder(device).decode
     classifier = Classifier(InferenceConfig(WeightsSpec.parse(weights), device, "fp32", TOP))
     cpu_pixels = torch.stack([torch.from_numpy(decode(image)) for image in images])
-    cpu_top = classifier.classify(cpu_pixels).indices
+    cpu = classifier.classify(cpu_pixels)
+    cpu_top = cpu.indices
     first: dict[int, torch.Tensor] = {}  # each image's pixels in round 1
     problems: dict[int, str] = {}
     worst = 0.0
@@ -86,9 +103,12 @@ def check(
                     first[i] = pixels[offset]
                 elif not torch.equal(pixels[offset], first[i]):
                     problems.setdefault(i, f"round {round_ + 1} decoded other pixels than round 1")
-                if top[offset] != cpu_top[i]:
+                if not same_ranking(top[offset], cpu_top[i], cpu.scores[i]):
                     problems.setdefault(
-                        i, f"top-5 {top[offset]} where the CPU path gives {cpu_top[i]}"
+                        i,
+                        f"top-5 {top[offset]} where the CPU path gives {cpu_top[i]} (scores"
+                        f" {', '.join(f'{s:.5f}' for s in cpu.scores[i])}; mean difference"
+                        f" {mean:.2f} levels)",
                     )
     if problems:
         listed = "; ".join(f"image {i}: {why}" for i, why in sorted(problems.items())[:10])

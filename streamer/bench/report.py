@@ -65,6 +65,41 @@ def summary_table(results: dict[str, Any]) -> str:
                     f" difference {agreed['max_score_difference']:.4f}",
                 )
             )
+    for library, check in results.get("device_check", {}).items():
+        rows.append((f"device check: {library}", _device_check(check)))
+    steps = results.get("device_batch")
+    if steps:
+        decode = ", ".join(
+            f"decode ({library}) {1000 * lib['decode_s']:.1f}"
+            if "decode_s" in lib
+            else f"decode ({library}) failed"
+            for library, lib in steps["by_library"].items()
+        )
+        rows.append(
+            (
+                f"one batch of {steps['batch']} on the device, ms per step",
+                f"{decode}; resize one by one {1000 * steps['resize_each_s']:.1f}, grouped"
+                f" {1000 * steps['resize_grouped_s']:.1f}; host rows"
+                f" {1000 * steps['host_rows_s']:.1f}; forward {1000 * steps['forward_s']:.1f}",
+            )
+        )
+    for library, run in results.get("engine", {}).get("by_jpeg_library", {}).items():
+        rows.append(
+            (
+                f"(b) engine, JPEGs decoded on the device by {library}",
+                f"{run['images_per_s']:.0f} img/s, mean batch {run['mean_batch_size']:.1f},"
+                f" main process {run['main_cpu_ms_per_record']:.3f} ms CPU/record",
+            )
+        )
+    null = results.get("engine_null")
+    if null:
+        rows.append(
+            (
+                "host path without Kafka: engine, null model and decode",
+                f"{null['images_per_s']:.0f} rec/s, main process"
+                f" {null['main_cpu_ms_per_record']:.3f} ms CPU/record",
+            )
+        )
     for key, label in (
         ("engine", "(b) engine, no Kafka"),
         ("e2e", "(c) end to end, Kafka"),
@@ -172,6 +207,16 @@ def summary_table(results: dict[str, Any]) -> str:
         met = "yes" if t["met"] else "no"
         lines.append(f"| {name}: {t['target']} | {t['value']:.4g} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _device_check(check: dict[str, Any]) -> str:
+    if check.get("passed"):
+        return (
+            f"passed: {check['images']} images x {check['rounds']} rounds, same pixels each"
+            f" round, same top-5, largest mean difference"
+            f" {check['max_mean_difference_levels']:.2f} levels"
+        )
+    return f"left out: {check.get('not_installed') or check.get('error')}"
 
 
 def _maybe(value: float | None, spec: str) -> str:

@@ -25,9 +25,10 @@ from typing import Any
 import psutil
 import torch
 
-from streamer.bench import device_check, metrics_cost
+from streamer.bench import gpu, metrics_cost
 from streamer.bench.agreement import agreement
 from streamer.bench.ceiling import best_of, run_ceiling
+from streamer.bench.device_batch import DEVICE_BATCH_STAGE, breakdown
 from streamer.bench.e2e import run_naive, run_service_throughput
 from streamer.bench.engine import run_engine
 from streamer.bench.host import run_host
@@ -138,12 +139,19 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
             device=settings_device(settings),
         )
 
+    libraries: list[str] | None = None  # device-checked JPEG libraries: engine runs each
     if "device_check" in stages:
-        # First, and fatal: no figure of a decoder that gives other answers (device_check).
-        log.info("bench device check: device-decoded JPEGs against the CPU path")
-        results["device_check"] = device_check.check(
-            corpus, settings_device(settings), config.weights
+        # First: no figure of a decoder that gives other answers (bench.gpu); fatal when
+        # no library passes.
+        results["device_check"], libraries = gpu.check_libraries(
+            config.device_jpeg_libraries, corpus, settings_device(settings), config.weights
         )
+    if DEVICE_BATCH_STAGE in stages:
+        log.info("bench: one batch's steps on the device, timed one by one")
+        results[DEVICE_BATCH_STAGE] = breakdown(
+            corpus, settings_device(settings), libraries or ["torchvision"],
+            config.max_batch_size, config.weights, config.precision,
+        )  # fmt: skip
     if "ceiling" in stages:
         log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
         results["ceiling"] = sweep_ceiling()
@@ -154,8 +162,17 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
             )
     if "engine" in stages:
         log.info("bench (b) engine records=%d", config.engine_records)
-        results["engine"] = await run_engine(settings, corpus, config.engine_records)
+        results["engine"] = await (
+            run_engine(settings, corpus, config.engine_records)
+            if libraries is None
+            else gpu.engine_by_library(settings, corpus, config.engine_records, libraries)
+        )
         results["engine"]["load_average_after"] = os.getloadavg()
+    if gpu.NULL_ENGINE_STAGE in stages:
+        log.info("bench host path without Kafka: the engine with the null model")
+        results[gpu.NULL_ENGINE_STAGE] = await run_engine(
+            gpu.null_engine_settings(settings), corpus, config.engine_records
+        )
     if "host" in stages:
         log.info("bench host path records=%d", config.host_records)
         results["host"] = await run_host(config, corpus, settings.group_id, results_dir)

@@ -20,6 +20,11 @@ def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if engine is not None and results.get("ceiling", {}).get("device", "cpu") != "cpu":
         ratio = engine / results["ceiling"]["images_per_s"]
         out["gpu_engine_vs_ceiling"] = {"target": ">= 0.70", "value": ratio, "met": ratio >= 0.70}
+        out["gpu_engine_images_per_s"] = {
+            "target": ">= 8000 (one H100/H200, 500x375 JPEGs)",
+            "value": engine,
+            "met": engine >= 8000,
+        }
     e2e = results.get("e2e", {}).get("images_per_s")
     if e2e is not None and "ceiling" in results:
         ratio = e2e / results["ceiling"]["images_per_s"]

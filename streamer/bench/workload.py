@@ -26,6 +26,7 @@ class BenchConfig:
 
     bootstrap_servers: str = "127.0.0.1:9092"
     device: str = "cpu"
+    jpeg_decode: str = "auto"  # the service's jpeg_decode ("device" runs the GPU path on a CPU)
     precision: str = "fp32"
     max_batch_size: int = 32
     max_batch_delay_ms: float = 10.0
@@ -40,6 +41,8 @@ class BenchConfig:
     ceiling_min_s: float = 3.0  # per batch size, after one warm-up pass
     ceiling_again_at_end: bool = True  # a second sweep; per batch size the faster counts
     engine_records: int = 400
+    # Each is device-checked, then the engine runs with each that passed (bench.gpu).
+    device_jpeg_libraries: tuple[str, ...] = ("torchvision",)
     host_records: int = 3000  # the host-path stage (null model): bare loop, then the service
     profile_host: bool = False  # py-spy both host-stage drains (streamer.bench.host_profile)
     service_log_level: str = "WARNING"  # DEBUG shows the latency-target policy's corrections
@@ -73,6 +76,7 @@ class BenchConfig:
         decoded on the device, fp16; sized to finish in a few minutes on an H100."""
         values: dict[str, Any] = {
             "device": "cuda",
+            "jpeg_decode": "device",  # on any device: --device cpu makes it a dry run
             "precision": "fp16",
             "max_batch_size": 256,
             "max_batch_delay_ms": 5.0,
@@ -82,7 +86,8 @@ class BenchConfig:
             "ceiling_batch_sizes": (32, 64, 128, 256, 512),
             "ceiling_again_at_end": False,
             "engine_records": 60_000,
-            "stages": (DEVICE_CHECK_STAGE, "ceiling", "engine"),
+            "device_jpeg_libraries": ("torchvision", "nvimgcodec"),
+            "stages": (DEVICE_CHECK_STAGE, "device_batch", "ceiling", "engine", "engine_null"),
             "skip_soak": True,
         }
         values.update(overrides)
@@ -138,6 +143,7 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         "client_id": prefix,
         "weights": config.weights,
         "device": config.device,
+        "jpeg_decode": config.jpeg_decode,
         "precision": config.precision,
         "max_batch_size": config.max_batch_size,
         "max_batch_delay_ms": config.max_batch_delay_ms,

@@ -60,6 +60,7 @@ from streamer.schemas import ModelInfo
 from streamer.vision.classifier import BatchEntry, BatchResult, InferenceConfig
 from streamer.vision.decode import DecodeLimits
 from streamer.vision.devices import (
+    check_jpeg_library,
     check_precision,
     cuda_device_count,
     jpeg_on_device,
@@ -113,6 +114,8 @@ class Engine:
         self.weights = WeightsSpec.parse(settings.weights)
         self.devices = resolve_devices(settings.device, cuda_device_count())
         self.device_jpeg = jpeg_on_device(settings.jpeg_decode, self.devices)
+        if self.device_jpeg:
+            check_jpeg_library(settings.device_jpeg_library)
         for device in self.devices:
             check_precision(settings.precision, device)
         self.slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
@@ -178,6 +181,7 @@ class Engine:
                         if s.batch_size_from_table or s.latency_target_ms is not None
                         else ()
                     ),
+                    jpeg_library=s.device_jpeg_library,
                 ),
             ),
             self.metrics,

@@ -38,6 +38,12 @@ def add_parser(commands: Any) -> None:
         " times over)",
     )
     parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="the inference device (default cpu; --gpu: cuda); --gpu --device cpu runs the GPU"
+        " run's stages on the CPU, a dry run",
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batch-delay-ms", type=float, default=None)
@@ -85,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     if args.profile_host:
         overrides["profile_host"] = True
     for name in (
+        "device",
         "precision",
         "max_batch_size",
         "max_batch_delay_ms",

@@ -41,9 +41,12 @@ def batch_handler(
 
     def handle(entries: list[BatchEntry]) -> BatchResult:
         started = time.perf_counter()
-        slots = torch.tensor([e.slot for e in entries], dtype=torch.long)
-        batch = pixels.index_select(0, slots)
         device_rows, cpu_decode = _decode_deferred(entries)
+        batch = (
+            None  # every row was decoded on the device: no pixels to gather or copy
+            if len(device_rows) == len(entries)
+            else pixels.index_select(0, torch.tensor([e.slot for e in entries], dtype=torch.long))
+        )
         try:
             result = classifier.classify(batch, device_rows)
         except Exception as exc:  # e.g. CUDA out of memory: every record of the batch retries

@@ -30,6 +30,8 @@ class InferenceConfig:
     warmup_batch: int = 8
     # Batch sizes whose forward pass is timed after the warm-up (``time_batches``).
     timed_batch_sizes: tuple[int, ...] = ()
+    # What decodes JPEGs on the device (``vision.device_decode.LIBRARIES``).
+    jpeg_library: str = "torchvision"
 
 
 # Rounds of the batch-time table: each size keeps its fastest of this many passes.
@@ -77,12 +79,17 @@ class Classifier:
 
     @torch.inference_mode()
     def classify(
-        self, pixels: torch.Tensor, device_rows: dict[int, torch.Tensor] | None = None
+        self, pixels: torch.Tensor | None, device_rows: dict[int, torch.Tensor] | None = None
     ) -> BatchResult:
         """``pixels``: uint8 N x 3 x 224 x 224 on the CPU; ``device_rows`` replace rows
-        with pixels already on the device (decoded there)."""
+        with pixels already on the device (decoded there). ``pixels`` None: the device
+        rows are all N rows, and nothing is copied from the host."""
         started = time.perf_counter()
-        if self.device.type == "cuda":
+        if pixels is None:
+            assert device_rows is not None
+            pixels = torch.stack([device_rows[i] for i in range(len(device_rows))])
+            device_rows = None
+        elif self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         if device_rows:
             rows = list(device_rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from streamer.errors import ConfigError
@@ -64,6 +65,22 @@ def check_precision(precision: str, device: str, flags: frozenset[str] | None = 
                 "--precision bf16 on this CPU would be emulated (no avx512_bf16 or amx_bf16"
                 " flag in /proc/cpuinfo), slower than fp32: use --precision fp32"
             )
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+def check_jpeg_library(library: str) -> None:
+    """Fail at start-up, not in the inference worker, when the chosen library is missing."""
+    if library == "nvimgcodec" and not _installed("nvidia.nvimgcodec"):
+        raise ConfigError(
+            "device_jpeg_library nvimgcodec needs nvImageCodec, which is not installed:"
+            " pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg (or use torchvision)"
+        )
 
 
 def jpeg_on_device(mode: str, devices: list[str]) -> bool:

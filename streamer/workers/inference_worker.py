@@ -30,7 +30,7 @@ def main(
     classifier.warm_up()
     batch_seconds = classifier.time_batches(config.timed_batch_sizes)
     view = SlotView.attach(layout)
-    decoder = JpegBatchDecoder(classifier.device)
+    decoder = JpegBatchDecoder(classifier.device, config.jpeg_library)
     try:
         serve(
             requests,

@@ -38,3 +38,15 @@ def test_the_steady_state_leaves_the_slow_start_out() -> None:
     steady = throughput(outputs, len(outputs) // 5)
     assert steady["images_per_s"] == pytest.approx(10.0)
     assert throughput(outputs, 0)["images_per_s"] < 5
+
+
+def test_the_gpu_engine_is_judged_in_images_per_second_and_against_its_ceiling() -> None:
+    ceiling = {"device": "cuda:0", "images_per_s": 33166.0}
+    judged = verdicts({"ceiling": ceiling, "engine": {"images_per_s": 8122.0}})
+    assert judged["gpu_engine_images_per_s"]["met"]
+    assert not judged["gpu_engine_vs_ceiling"]["met"]
+    assert not verdicts({"ceiling": ceiling, "engine": {"images_per_s": 5832.0}})[
+        "gpu_engine_images_per_s"
+    ]["met"]
+    cpu = {"ceiling": {"device": "cpu", "images_per_s": 50.0}, "engine": {"images_per_s": 44.0}}
+    assert "gpu_engine_images_per_s" not in verdicts(cpu)
