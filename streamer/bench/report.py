@@ -88,7 +88,8 @@ def summary_table(results: dict[str, Any]) -> str:
             (
                 f"(b) engine, JPEGs decoded on the device by {library}",
                 f"{run['images_per_s']:.0f} img/s, mean batch {run['mean_batch_size']:.1f},"
-                f" main process {run['main_cpu_ms_per_record']:.3f} ms CPU/record",
+                f" main process {run['main_cpu_ms_per_record']:.3f} ms CPU/record, inference"
+                f" worker busy {_maybe(run.get('worker_busy_share'), '.0%')} of the run",
             )
         )
     null = results.get("engine_null")
@@ -97,7 +98,8 @@ def summary_table(results: dict[str, Any]) -> str:
             (
                 "host path without Kafka: engine, null model and decode",
                 f"{null['images_per_s']:.0f} rec/s, main process"
-                f" {null['main_cpu_ms_per_record']:.3f} ms CPU/record",
+                f" {null['main_cpu_ms_per_record']:.3f} ms CPU/record, inference worker busy"
+                f" {_maybe(null.get('worker_busy_share'), '.0%')} of the run",
             )
         )
     for key, label in (

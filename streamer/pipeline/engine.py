@@ -86,6 +86,7 @@ class Classified:
     decode_s: float
     batch_wait_s: float  # decoded -> its batch dispatched to the inference worker
     forward_s: float  # the whole batch's forward pass
+    handled_s: float  # the inference worker's whole time on the batch (decode on the device too)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class _BatchItem:
     scores: list[float]
     batch_size: int
     forward_s: float
+    handled_s: float
     dispatched_at: float
 
 
@@ -316,6 +318,7 @@ class Engine:
                     decode_s,
                     max(0.0, item.dispatched_at - decoded_at),
                     item.forward_s,
+                    item.handled_s,
                 )
             except StreamerError as exc:
                 stage = "decode" if entry is None else "inference"  # no entry: decoding failed
@@ -372,9 +375,10 @@ class Engine:
     ) -> list[_Result]:
         self._record_device(result)
         n = len(entries)
-        self.batch_times.observe(n, result.handled_s or result.forward_s)
+        handled_s = result.handled_s or result.forward_s
+        self.batch_times.observe(n, handled_s)
         items: list[_Result] = [
-            _BatchItem(i, s, n, result.forward_s, dispatched_at)
+            _BatchItem(i, s, n, result.forward_s, handled_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)
         ]
         for position in result.cpu_decode:

@@ -4,9 +4,11 @@ On a GPU, decoding JPEGs on the CPU is what limits throughput long before the
 model does. With ``jpeg_decode`` on the device, a decode worker only *probes* a
 JPEG (format allow-list, byte and pixel limits, EXIF orientation: header work,
 no pixels) and leaves the encoded bytes in the payload slot. The inference
-worker then decodes the whole batch's JPEGs in one ``torchvision.io.decode_jpeg``
-call on the device, applies the EXIF orientation, resizes the shorter side to
-256 (bilinear, antialiased) and centre-crops 224, all on the device.
+worker then decodes the whole batch's JPEGs in one call on the device
+(``device_jpeg_library``: torchvision's ``decode_jpeg``, the default, or
+nvImageCodec), applies the EXIF orientation, resizes the shorter side to 256
+(bilinear, antialiased; one call per group of images of one size) and
+centre-crops 224, all on the device.
 
 Every other format, and JPEGs the device decoder cannot take (CMYK, 16-bit),
 keep the CPU path. If the batched call fails, each image is decoded on its own;
@@ -14,7 +16,9 @@ an image the device cannot decode falls back to the exact CPU path, and only an
 image that fails there too becomes a dead letter.
 
 Pixels differ slightly from the CPU path (a different IDCT and a tensor resize
-instead of Pillow's), by a few levels at most; tests bound the difference.
+instead of Pillow's), by a few levels at most; tests bound the difference, and
+``make bench-gpu`` checks both libraries on the GPU before it measures them
+(docs/BENCHMARKS.md, "GPU check on an NVIDIA H200").
 The same code runs with ``device="cpu"``, which is how it is tested without a GPU.
 """
 

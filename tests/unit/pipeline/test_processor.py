@@ -43,7 +43,7 @@ class FakeEngine:
         self.payloads.append(payload)
         if self.error is not None:
             raise self.error
-        return Classified([1, 0], [0.9, 0.1], 4, 0.002, 0.003, 0.05)
+        return Classified([1, 0], [0.9, 0.1], 4, 0.002, 0.003, 0.05, 0.06)
 
 
 def processor(engine: FakeEngine, **settings: object) -> RecordProcessor:
