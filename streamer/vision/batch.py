@@ -42,11 +42,18 @@ def batch_handler(
     def handle(entries: list[BatchEntry]) -> BatchResult:
         started = time.perf_counter()
         device_rows, cpu_decode = _decode_deferred(entries)
-        batch = (
-            None  # every row was decoded on the device: no pixels to gather or copy
-            if len(device_rows) == len(entries)
-            else pixels.index_select(0, torch.tensor([e.slot for e in entries], dtype=torch.long))
-        )
+        if classifier.null:
+            # The null model reads no pixels, so none is gathered: a GPU fed with JPEGs
+            # decoded on the device gathers none either, and the host path measured with
+            # this model is that one (150 KB a row copied would be the benchmark's own cost).
+            batch: torch.Tensor | None = torch.empty((len(entries), 0), dtype=torch.uint8)
+            device_rows = {}
+        elif len(device_rows) == len(entries):
+            batch = None  # every row was decoded on the device: nothing to gather or copy
+        else:
+            batch = pixels.index_select(
+                0, torch.tensor([e.slot for e in entries], dtype=torch.long)
+            )
         try:
             result = classifier.classify(batch, device_rows)
         except Exception as exc:  # e.g. CUDA out of memory: every record of the batch retries

@@ -89,6 +89,22 @@ def test_a_batch_the_device_decodes_entirely_reads_no_pixel_slot() -> None:
     assert result.indices == expected.indices
 
 
+def test_the_null_model_reads_no_pixel_slot() -> None:
+    """The host-path benchmark's null model must not cost the worker a 150 KB copy per
+    row that a GPU fed with device-decoded JPEGs does not make: no pixel is read (the
+    segment here has no rows), and every row still gets the null model's scores."""
+    classifier = Classifier(InferenceConfig(WeightsSpec.parse("null"), warmup_batch=1))
+    handle = batch_handler(
+        classifier,
+        JpegBatchDecoder("cpu"),
+        np.zeros((0, 3, 224, 224), dtype=np.uint8),
+        lambda slot, length: memoryview(b""),
+    )
+    result = handle([BatchEntry(slot) for slot in (5, 9, 2)])
+    assert result.cpu_decode == ()
+    assert result.indices == [[0, 1, 2, 3, 4]] * 3  # NullModel: class 0 first, then 1, ...
+
+
 def test_the_handled_time_counts_the_device_decode_as_well_as_the_forward_pass() -> None:
     """The latency-target policy sizes batches by what a batch costs the worker: with
     JPEGs decoded on the device that is more than the forward pass alone."""
