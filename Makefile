@@ -55,9 +55,12 @@ bench: setup
 	deploy/kafka/kafkactl status >/dev/null 2>&1 || deploy/kafka/kafkactl up
 	$(BIN)/streamer bench $(BENCH_ARGS)
 
-# The accelerator check (issue 3): ceiling and engine on CUDA, fp16, 500x375 JPEGs decoded on
-# the GPU; no Kafka. Run it where a GPU is; it finishes in a few minutes on one H100.
+# The accelerator check (issues 3 and 11): each device JPEG decoder checked against the CPU
+# path, then the ceiling and the engine on CUDA, fp16, 500x375 JPEGs decoded on the GPU; no
+# Kafka. Run it where a GPU is (about 2 minutes on one H200). The gpu extra brings
+# nvImageCodec's nvJPEG library; on a machine without PyPI use deploy/gpu/bench-on-device.
 bench-gpu: setup
+	$(BIN)/pip install --quiet -e ".[gpu]"
 	$(BIN)/streamer bench --gpu $(BENCH_ARGS)
 
 bench-quick: setup
