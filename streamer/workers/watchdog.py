@@ -12,8 +12,13 @@ Invariants:
 - One ``Watchdog`` per started worker, owned by its ``WorkerProcess``: only that
   object records sends and replies here, and only its watchdog task awaits ``due``.
 - A request id has a deadline from its send until its reply or its worker's death.
-- ``expired`` names exactly the requests whose deadline ran out before the kill;
-  their callers get ``WorkerCrashed(hung=True)``, everyone else ``hung=False``.
+- A worker serves its requests one at a time, in the order they were sent, so only
+  the oldest pending request can be what hangs it. ``expired`` names that request
+  when its deadline ran out before the kill; its caller gets
+  ``WorkerCrashed(hung=True)``, everyone else ``hung=False``. A request queued
+  behind it may pass its own deadline too (the event loop late under load, deadlines
+  at the same floor), but it never ran: blaming it would dead-letter an innocent
+  record as worker-hung.
 - An idle worker (nothing pending) is pinged once ``hang_timeout_s / 2`` passed
   without a reply; the ping has a deadline like any request.
 """
@@ -58,13 +63,16 @@ class Watchdog:
 
     async def due(self) -> list[int] | None:
         """Wait until something must be done: the requests past their deadline (the
-        worker must be killed; they are added to ``expired``), or None: send a ping."""
+        worker must be killed; the one in service among them is added to ``expired``),
+        or None: send a ping."""
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
             overdue = [rid for rid, at in self._deadlines.items() if at <= now]
             if overdue:
-                self.expired.update(overdue)
+                in_service = min(self._deadlines)  # ids grow with each send
+                if in_service in overdue:
+                    self.expired.add(in_service)
                 return overdue
             wake = min(self._deadlines.values(), default=math.inf)
             if self.hang_timeout_s is not None and not self._deadlines:
