@@ -63,13 +63,18 @@ def breakdown(
     images = [encoded(corpus[i % len(corpus)]) for i in range(batch)]
     where = torch.device(device)
     out: dict[str, Any] = {"batch": batch, "reps": reps, "by_library": {}}
-    decoded: list[torch.Tensor] = []
+    oriented: list[torch.Tensor] = []  # the last library's images, as the worker orients them
     for library in libraries:
         decoder = JpegBatchDecoder(where, library)
-        decoded = [d for d in decoder.decode_full_size(images) if isinstance(d, torch.Tensor)]
+        full = decoder.decode_full_size(images)
+        oriented = [
+            orient(d, image.orientation)
+            for d, image in zip(full, images, strict=True)
+            if isinstance(d, torch.Tensor)
+        ]
         out["by_library"][library] = {
             "decode_s": _median_s(lambda: decoder.decode_full_size(images), where, reps),  # noqa: B023
-            "decoded": len(decoded),
+            "decoded": len(oriented),
         }
     if "nvimgcodec" in libraries:
         # Its backends one at a time: which one its own choice takes, and which is fastest.
@@ -83,7 +88,6 @@ def breakdown(
                 out["by_library"][f"nvimgcodec:{backend}"] = {
                     "error": f"{type(exc).__name__}: {exc}"
                 }
-    oriented = [orient(d, image.orientation) for d, image in zip(decoded, images, strict=False)]
     out["resize_each_s"] = _median_s(lambda: [resize_and_crop(d) for d in oriented], where, reps)
     out["resize_grouped_s"] = _median_s(lambda: resize_and_crop_all(oriented), where, reps)
     rows = torch.stack(resize_and_crop_all(oriented))

@@ -79,11 +79,7 @@ def resize_and_crop_all(images: list[torch.Tensor]) -> list[torch.Tensor]:
         by_size.setdefault(tuple(image.shape), []).append(i)
     out: list[torch.Tensor] = [images[0]] * len(images)  # each place is filled below
     for rows in by_size.values():
-        group = (
-            images[rows[0]].unsqueeze(0)
-            if len(rows) == 1
-            else torch.stack([images[i] for i in rows])
-        )
+        group = torch.stack([images[i] for i in rows])
         for i, image in zip(rows, resize_and_crop(group), strict=True):
             out[i] = image
     return out

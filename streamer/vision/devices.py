@@ -67,7 +67,7 @@ def check_precision(precision: str, device: str, flags: frozenset[str] | None = 
             )
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is missing
@@ -76,7 +76,7 @@ def _installed(module: str) -> bool:
 
 def check_jpeg_library(library: str) -> None:
     """Fail at start-up, not in the inference worker, when the chosen library is missing."""
-    if library == "nvimgcodec" and not _installed("nvidia.nvimgcodec"):
+    if library == "nvimgcodec" and not installed("nvidia.nvimgcodec"):
         raise ConfigError(
             "device_jpeg_library nvimgcodec needs nvImageCodec, which is not installed:"
             " pip install nvidia-nvimgcodec-cu13 nvidia-nvjpeg (or use torchvision)"

@@ -10,7 +10,7 @@ import pytest
 
 from streamer.bench import report, runner
 from streamer.bench.workload import BenchConfig
-from streamer.vision.devices import _installed
+from streamer.vision.devices import installed
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -19,7 +19,7 @@ def test_the_gpu_run_checks_each_library_times_each_that_passed_and_needs_no_kaf
     tmp_path: Path,
 ) -> None:
     libraries = (
-        ("torchvision", "nvimgcodec") if _installed("nvidia.nvimgcodec") else ("torchvision",)
+        ("torchvision", "nvimgcodec") if installed("nvidia.nvimgcodec") else ("torchvision",)
     )
     config = BenchConfig.gpu(
         device="cpu",

@@ -21,7 +21,7 @@ from streamer.vision.device_decode import (
     resize_and_crop,
     resize_and_crop_all,
 )
-from streamer.vision.devices import _installed, check_jpeg_library, jpeg_on_device
+from streamer.vision.devices import check_jpeg_library, installed, jpeg_on_device
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,7 +60,7 @@ LIBRARY = pytest.mark.parametrize(
         pytest.param(
             "nvimgcodec",
             marks=pytest.mark.skipif(
-                not _installed("nvidia.nvimgcodec"), reason="nvImageCodec is not installed"
+                not installed("nvidia.nvimgcodec"), reason="nvImageCodec is not installed"
             ),
         ),
     ],
