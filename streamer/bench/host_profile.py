@@ -44,7 +44,8 @@ PARTS = (KAFKA_CLIENT, RECORD_READING, OWN_CODE, EVENT_LOOP)
 RATE_PER_S = 200
 OWN_FUNCTIONS_LISTED = 12
 _FILE = re.compile(r"\(([^():]+)(?::\d+)?\)$")
-_KAFKA_FILES = ("aiokafka/", "asyncio/streams.py", "asyncio/selector_events.py")
+_KAFKA_FILES = ("aiokafka/", "asyncio/streams.py")
+_TRANSPORT_FILE = "asyncio/selector_events.py"
 # Frames on every stack of the process (how it was started), not work of their own.
 _ENTRY_FRAMES = {
     ("streamer/__main__.py", "<module>"),
@@ -62,11 +63,17 @@ def part_of(stack: str) -> str:
     files = [file for file, _ in frames]
     if any(file == "streamer/kafka/wire.py" for file in files):
         return RECORD_READING
-    if any(file.startswith(_KAFKA_FILES) for file in files):
+    if any(file.startswith(_KAFKA_FILES) or _in_transport(file, f) for file, f in frames):
         return KAFKA_CLIENT
     if any(_own_name(file, function) is not None for file, function in frames):
         return OWN_CODE
     return EVENT_LOOP
+
+
+def _in_transport(file: str, function: str) -> bool:
+    """A socket transport's frame (Kafka's connections), not the loop's own event
+    processing, which lives in the same file (``BaseSelectorEventLoop._process_events``)."""
+    return file == _TRANSPORT_FILE and not function.startswith("BaseSelectorEventLoop.")
 
 
 def _frame(text: str) -> tuple[str, str]:

@@ -64,6 +64,12 @@ FETCH = (
             KAFKA_CLIENT,
         ),
         (SERVICE.rsplit(";", 1)[0] + ";EpollSelector.select (selectors.py:468)", EVENT_LOOP),
+        # The loop's own event processing is in the transports' file, but is not a transport.
+        (
+            SERVICE.rsplit(";", 1)[0]
+            + ";BaseSelectorEventLoop._process_events (asyncio/selector_events.py:785)",
+            EVENT_LOOP,
+        ),
         (SERVICE + ";Task.__step (asyncio/tasks.py:267)", EVENT_LOOP),
         (BARE + ";serve (streamer/bench/bare.py:69);dumps (json/__init__.py:231)", OWN_CODE),
         (BARE + ";Task.__step (asyncio/tasks.py:267)", EVENT_LOOP),
