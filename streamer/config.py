@@ -159,6 +159,13 @@ class Settings(BaseSettings):
         " loads; batch at most the size with the best images/s (the smallest within 5% of"
         " it); off, or with latency_target_ms: max_batch_size",
     )
+    batches_in_flight_per_device: int = Field(
+        2,
+        ge=1,
+        description="inference batches sent to each device before the first returns: 2"
+        " keeps one queued behind the one running; more can help a fast GPU whose host path"
+        " sends batches unevenly, at the cost of latency",
+    )
     max_batch_delay_ms: float = Field(
         10.0, ge=0, description="milliseconds a batch waits to fill before it runs anyway"
     )

@@ -31,6 +31,7 @@ class BenchConfig:
     max_batch_size: int = 32
     max_batch_delay_ms: float = 10.0
     max_in_flight: int = 128
+    batches_in_flight_per_device: int = 2
     decode_workers: int | None = None  # None: the service default (cores - 1)
     inference_threads: int | None = None  # None: the service default (all cores)
     weights: str = "random:0"  # pretrained weights cannot be downloaded offline
@@ -148,6 +149,7 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         "max_batch_size": config.max_batch_size,
         "max_batch_delay_ms": config.max_batch_delay_ms,
         "max_in_flight": config.max_in_flight,
+        "batches_in_flight_per_device": config.batches_in_flight_per_device,
         "log_level": config.service_log_level,
         # The benchmark reads each prediction's batch size (kafka_io.read_outputs).
         "include_timings": True,

@@ -73,8 +73,6 @@ from streamer.workers.shm import SlotPool, sweep_orphans
 
 log = logging.getLogger(__name__)
 
-BATCHES_IN_FLIGHT_PER_DEVICE = 2  # one running, one queued: the device never idles
-
 
 @dataclass(frozen=True)
 class Classified:
@@ -201,16 +199,23 @@ class Engine:
         )
         self.metrics.model.info(self.model_info.model_dump())
         self.use_batch_table(info.get("batch_seconds") or {})
-        self._batcher = Batcher(
+        self._batcher = self._new_batcher()
+        await self._batcher.start()
+
+    def _new_batcher(self) -> Batcher[BatchEntry, _Result]:
+        """The batcher: ``batches_in_flight_per_device`` batches sent to each device
+        before the first of them returns (by default 2: one running, one queued, so the
+        device never waits for the event loop to send the next)."""
+        s = self.settings
+        return Batcher(
             self._run_batch,
             max_batch_size=s.max_batch_size,
             max_batch_delay_ms=s.max_batch_delay_ms,
-            max_concurrent_batches=BATCHES_IN_FLIGHT_PER_DEVICE * len(self.devices),
+            max_concurrent_batches=s.batches_in_flight_per_device * len(self.devices),
             on_dispatch=self._on_batch,
             policy=self.policy,
             backlog=lambda: self._decoding,
         )
-        await self._batcher.start()
 
     def use_batch_table(self, batch_seconds: dict[int, float]) -> None:
         """Start from the batch-time table the inference worker measured as it loaded.

@@ -48,6 +48,13 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--max-batch-delay-ms", type=float, default=None)
     parser.add_argument("--max-in-flight", type=int, default=None)
+    parser.add_argument(
+        "--batches-in-flight",
+        dest="batches_in_flight_per_device",
+        type=int,
+        default=None,
+        help="inference batches sent to each device before the first returns (default 2)",
+    )
     parser.add_argument("--decode-workers", type=int, default=None)
     parser.add_argument("--inference-threads", type=int, default=None)
     parser.add_argument("--engine-records", type=int, default=None)
@@ -96,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "max_batch_size",
         "max_batch_delay_ms",
         "max_in_flight",
+        "batches_in_flight_per_device",
         "decode_workers",
         "inference_threads",
         "engine_records",

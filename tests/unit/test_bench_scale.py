@@ -170,3 +170,13 @@ def test_the_services_log_at_warning_unless_the_bench_is_told_otherwise() -> Non
     args = ["bench", "--stages", "e2e,latency", "--service-log-level", "DEBUG"]
     debug = config_from_args(cli.build_parser().parse_args(args))
     assert service_settings(debug, "p").log_level == "DEBUG"
+
+
+def test_the_batches_in_flight_reach_the_benchmarked_service() -> None:
+    from streamer.bench.workload import service_settings
+
+    default = config_from_args(cli.build_parser().parse_args(["bench", "--gpu"]))
+    assert service_settings(default, "p").batches_in_flight_per_device == 2
+    args = ["bench", "--gpu", "--batches-in-flight", "3"]
+    three = config_from_args(cli.build_parser().parse_args(args))
+    assert service_settings(three, "p").batches_in_flight_per_device == 3

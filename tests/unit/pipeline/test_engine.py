@@ -13,7 +13,7 @@ from streamer.metrics import Metrics
 from streamer.pipeline import batch_policy
 from streamer.pipeline.batch_policy import LatencyTargetPolicy
 from streamer.pipeline.engine import _CPU_DECODE, Engine, _BatchItem
-from streamer.vision.classifier import BatchResult
+from streamer.vision.classifier import BatchEntry, BatchResult
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -237,3 +237,53 @@ def test_with_batch_size_from_table_off_max_batch_size_stays() -> None:
     engine = Engine(settings, Metrics())
     engine.use_batch_table({1: 0.01, 8: 0.02, 16: 0.0405, 32: 0.081})
     assert engine.policy.size_limit(queued=100, backlog=100) == 32
+
+
+class HeldPool:
+    """Stands in for an inference worker that holds every batch until released."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self.sent = asyncio.Event()  # set on every batch received
+        self.release = asyncio.Event()
+
+    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+        self.held += 1
+        self.sent.set()
+        await self.release.wait()
+        return BatchResult([[e.slot] for e in entries], [[1.0] for _ in entries], 0.01)
+
+
+@pytest.mark.parametrize("in_flight", [2, 3])
+async def test_batches_in_flight_per_device_bounds_the_batches_sent_before_one_returns(
+    in_flight: int,
+) -> None:
+    settings = Settings(
+        weights="random:0",
+        device="cpu",
+        max_batch_size=1,
+        batch_size_from_table=False,
+        batches_in_flight_per_device=in_flight,
+    )
+    engine = Engine(settings, Metrics())
+    pool = HeldPool()
+    engine.inference = pool  # type: ignore[assignment]
+    batcher = engine._new_batcher()
+    await batcher.start()
+    try:
+        entries = [BatchEntry(slot, 0, 1) for slot in range(in_flight + 2)]
+        answers = [asyncio.ensure_future(batcher.submit(e)) for e in entries]
+        async with asyncio.timeout(5):
+            while pool.held < in_flight:
+                pool.sent.clear()
+                await pool.sent.wait()
+        for _ in range(100):  # many loop turns: no further batch is sent while they are held
+            await asyncio.sleep(0)
+        assert pool.held == in_flight
+        pool.release.set()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*answers)
+        assert [r.indices for r in results] == [[e.slot] for e in entries]
+        assert pool.held == len(entries)
+    finally:
+        await batcher.stop()
