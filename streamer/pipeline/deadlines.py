@@ -6,7 +6,7 @@ for the slowest legitimate batch on the slowest machine (``worker_timeout_s``,
 60 s by default), while a batch on a GPU takes milliseconds. So the engine asks
 for a deadline per request::
 
-    timeout_s = clamp(HANG_FACTOR * (expected(n) + ahead), MIN_DEADLINE_S, worker_timeout_s)
+    timeout_s = clamp(HANG_FACTOR * expected(n), MIN_DEADLINE_S, worker_timeout_s)
 
 * ``expected(n)``: the seconds a batch of ``n`` takes, from the request being sent
   to its reply (device decode, forward pass, pipes). Each batch size keeps an
@@ -15,10 +15,10 @@ for a deadline per request::
   batch takes no longer, and a larger one at most proportionally longer (the
   fixed cost per batch is amortised), so ``t(m) * max(1, n / m)``; the smallest of
   these bounds is taken.
-* ``ahead``: the expected time of the requests already in flight. A worker runs
-  its requests one after another, so a request's clock also runs while the ones
-  sent before it are served (counted over every device: an overestimate when
-  there are several, never an underestimate).
+* The requests already in flight are not added: a worker runs its requests one
+  after another, and the watchdog starts a request's clock when the worker gets to
+  it (``workers.watchdog``). ``expected(n)`` is measured from the send, so it
+  includes a wait behind the batch ahead: an overestimate, never an underestimate.
 * ``HANG_FACTOR``: how far beyond the expected time a request may run before the
   worker is taken for hung; ten times absorbs noisy neighbours and a cold cache.
 * ``MIN_DEADLINE_S``: a floor, so that a GPU's millisecond batches do not turn a
@@ -38,7 +38,6 @@ typical images would kill workers on legitimate large ones.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -54,19 +53,16 @@ class BatchDeadlines:
         self.ceiling_s = ceiling_s
         self._clock = clock
         self._seconds = SecondsBySize()  # of answered requests, sent to reply
-        self._in_flight: Counter[int] = Counter()  # batch size -> requests awaiting a reply
 
     def expected_s(self, size: int) -> float | None:
         """Seconds a batch of ``size`` is expected to take; None before any measurement."""
         return self._seconds.estimate(size)
 
     def deadline_s(self, size: int) -> float:
-        """The deadline for a batch of ``size`` sent now, behind the requests in flight."""
+        """The time a batch of ``size`` may take once the worker gets to it."""
         expected = self.expected_s(size)
         if expected is None:
             return self.ceiling_s
-        for m, count in self._in_flight.items():
-            expected += count * (self.expected_s(m) or 0.0)
         return min(self.ceiling_s, max(MIN_DEADLINE_S, HANG_FACTOR * expected))
 
     def observe(self, size: int, seconds: float) -> None:
@@ -74,17 +70,10 @@ class BatchDeadlines:
 
     @contextmanager
     def request(self, size: int) -> Iterator[float]:
-        """Yield the deadline for one request of ``size``; it counts as in flight until
-        the block ends, and its time is measured only if the block ends normally."""
-        timeout_s = self.deadline_s(size)
-        self._in_flight[size] += 1
+        """Yield the deadline for one request of ``size``; its time is measured only if
+        the block ends normally (a hang or a crash teaches the table nothing)."""
         started = self._clock()
-        try:
-            yield timeout_s
-        finally:
-            self._in_flight[size] -= 1
-            if not self._in_flight[size]:
-                del self._in_flight[size]
+        yield self.deadline_s(size)
         self.observe(size, self._clock() - started)
 
 

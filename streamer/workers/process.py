@@ -16,10 +16,11 @@ death once. A worker that exits with ``child.EXIT_RECYCLE`` is logged as
 recycled, not as a crash; for the owner it is a death like any other.
 
 A process can also hang without dying (a deadlock, a stuck driver call), which
-no pipe notices. Every request has a deadline (its own ``timeout_s``, else
-``hang_timeout_s``; none if both are None) and a watchdog (``workers.watchdog``)
-kills the worker once any pending request passes its deadline: those requests
-fail with ``WorkerCrashed(hung=True)``, the others it held with ``hung=False``.
+no pipe notices. Every request has a time limit (its own ``timeout_s``, else
+``hang_timeout_s``; none if both are None), counted from when the worker gets to
+it, and a watchdog (``workers.watchdog``) kills the worker once the request in
+service runs out of time: that request fails with ``WorkerCrashed(hung=True)``,
+the others queued behind it with ``hung=False``.
 From there it is an ordinary death. An idle worker is pinged every
 ``hang_timeout_s / 2`` so that a hang is found before work is sent to it.
 """
@@ -182,17 +183,18 @@ class WorkerProcess:
         return future
 
     async def _watch(self) -> None:
-        """Kill the process once a request passes its deadline; ping it when idle."""
+        """Kill the process once the request in service runs out of time; ping it when idle."""
         while self.state is WorkerState.RUNNING:
-            overdue = await self._watchdog.due()
-            if overdue is None:
+            in_service = await self._watchdog.due()
+            if in_service is None:
                 self.call(codec.PING).add_done_callback(_ignore_outcome)
                 continue
             log.error(
-                "worker hung: %d request(s) past their deadline, killing worker=%s pid=%s",
-                len(overdue),
+                "worker hung: the request in service ran out of time, killing worker=%s pid=%s"
+                " queued_behind=%d",
                 self.name,
                 self.pid,
+                len(self._pending) - 1,
             )
             self.hung = True
             if self._process is not None:
