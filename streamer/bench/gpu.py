@@ -7,6 +7,11 @@
 - **Engine, per library** (``engine``): the engine stage once for each library that
   passed; the fastest is the run's engine figure, and the report says which it was.
   A wrong decoder is never measured, so it can never be the one chosen.
+- **One more batch in flight** (``engine_in_flight``): the engine with the fastest
+  library at one more batch in flight per device than configured, then at the
+  configured number again, so that drift within the run shows beside the difference.
+  Whether the device waits for the event loop to send the next batch (H200 runs of
+  2026-12-04: the inference worker busy 65-71% of the engine runs).
 - **Host path without Kafka** (``engine_null``): the engine with the null model and
   null decode on this machine's CPU: how many records a second one instance's event
   loop, shared memory and pipes carry when neither decode nor the model costs
@@ -29,6 +34,7 @@ from streamer.vision.devices import check_jpeg_library
 log = logging.getLogger(__name__)
 
 NULL_ENGINE_STAGE = "engine_null"
+IN_FLIGHT_STAGE = "engine_in_flight"
 
 
 def check_libraries(
@@ -74,6 +80,21 @@ async def engine_by_library(
         )
     fastest = max(runs, key=lambda library: runs[library]["images_per_s"])
     return {**runs[fastest], "jpeg_library": fastest, "by_jpeg_library": runs}
+
+
+async def one_more_batch_in_flight(
+    settings: Settings, corpus: list[bytes], records: int, library: str
+) -> dict[str, Any]:
+    """The engine with ``library`` at one more batch in flight per device, then at the
+    configured number again (module docstring)."""
+    configured = settings.batches_in_flight_per_device
+    runs = []
+    for in_flight in (configured + 1, configured):
+        log.info("bench engine with %s, %d batches in flight per device", library, in_flight)
+        update = {"device_jpeg_library": library, "batches_in_flight_per_device": in_flight}
+        run = await run_engine(settings.model_copy(update=update), corpus, records)
+        runs.append({"batches_in_flight_per_device": in_flight, **run})
+    return {"jpeg_library": library, "runs": runs}
 
 
 def null_engine_settings(settings: Settings) -> Settings:

@@ -92,6 +92,18 @@ def summary_table(results: dict[str, Any]) -> str:
                 f" worker busy {_maybe(run.get('worker_busy_share'), '.0%')} of the run",
             )
         )
+    in_flight = results.get("engine_in_flight")
+    if in_flight:
+        rows.append(
+            (
+                f"(b) engine ({in_flight['jpeg_library']}) by batches in flight per device",
+                ", then ".join(
+                    f"{run['batches_in_flight_per_device']}: {run['images_per_s']:.0f} img/s"
+                    f" (worker busy {_maybe(run.get('worker_busy_share'), '.0%')})"
+                    for run in in_flight["runs"]
+                ),
+            )
+        )
     null = results.get("engine_null")
     if null:
         rows.append(

@@ -168,6 +168,11 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
             else gpu.engine_by_library(settings, corpus, config.engine_records, libraries)
         )
         results["engine"]["load_average_after"] = os.getloadavg()
+    if gpu.IN_FLIGHT_STAGE in stages and "engine" in results:
+        library = results["engine"].get("jpeg_library", settings.device_jpeg_library)
+        results[gpu.IN_FLIGHT_STAGE] = await gpu.one_more_batch_in_flight(
+            settings, corpus, config.engine_records, library
+        )
     if gpu.NULL_ENGINE_STAGE in stages:
         log.info("bench host path without Kafka: the engine with the null model")
         results[gpu.NULL_ENGINE_STAGE] = await run_engine(

@@ -88,7 +88,14 @@ class BenchConfig:
             "ceiling_again_at_end": False,
             "engine_records": 60_000,
             "device_jpeg_libraries": ("torchvision", "nvimgcodec"),
-            "stages": (DEVICE_CHECK_STAGE, "device_batch", "ceiling", "engine", "engine_null"),
+            "stages": (
+                DEVICE_CHECK_STAGE,
+                "device_batch",
+                "ceiling",
+                "engine",
+                "engine_in_flight",
+                "engine_null",
+            ),
             "skip_soak": True,
         }
         values.update(overrides)

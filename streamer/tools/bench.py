@@ -75,7 +75,8 @@ def add_parser(commands: Any) -> None:
         "--stages",
         default=None,
         help="comma-separated subset of ceiling,engine,host,naive,e2e,latency,soak (default:"
-        " all), or scale; --gpu runs device_check,device_batch,ceiling,engine,engine_null",
+        " all), or scale; --gpu runs device_check,device_batch,ceiling,engine,"
+        "engine_in_flight,engine_null",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(

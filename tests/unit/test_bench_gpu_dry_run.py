@@ -33,7 +33,7 @@ def test_the_gpu_run_checks_each_library_times_each_that_passed_and_needs_no_kaf
         decode_workers=1,
         engine_records=24,
         device_jpeg_libraries=libraries,
-        stages=("device_check", "device_batch", "engine", "engine_null"),
+        stages=("device_check", "device_batch", "engine", "engine_in_flight", "engine_null"),
     )
     results = asyncio.run(runner.run(config, tmp_path))
 
@@ -45,10 +45,14 @@ def test_the_gpu_run_checks_each_library_times_each_that_passed_and_needs_no_kaf
     fastest = max(libraries, key=lambda lib: engine["by_jpeg_library"][lib]["images_per_s"])
     assert engine["jpeg_library"] == fastest
     assert engine["images_per_s"] == engine["by_jpeg_library"][fastest]["images_per_s"]
-    for run in (*engine["by_jpeg_library"].values(), results["engine_null"]):
+    in_flight = results["engine_in_flight"]
+    assert in_flight["jpeg_library"] == fastest
+    assert [r["batches_in_flight_per_device"] for r in in_flight["runs"]] == [3, 2]
+    for run in (*engine["by_jpeg_library"].values(), *in_flight["runs"], results["engine_null"]):
         assert run["records"] == 24 and run["images_per_s"] > 0
         assert run["worker_busy_share"] > 0 and run["main_cpu_ms_per_record"] > 0
     report.write(results, tmp_path)
     summary = (tmp_path / "summary.md").read_text()
     assert "device check: torchvision | passed" in summary
     assert "host path without Kafka" in summary
+    assert "by batches in flight per device | 3: " in summary
