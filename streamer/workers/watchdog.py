@@ -71,7 +71,7 @@ class Watchdog:
         """Loop time at which the request in service runs out (inf: none pending, or no limit)."""
         if not self._pending:
             return math.inf
-        sent_at, limit = self._pending[min(self._pending)]  # ids grow with each send
+        sent_at, limit = self._pending[self._in_service()]
         return max(sent_at, self._last_reply) + limit
 
     async def due(self) -> int | None:
@@ -82,12 +82,17 @@ class Watchdog:
         while True:
             now = loop.time()
             if now >= self.in_service_deadline():
-                in_service = min(self._pending)
+                in_service = self._in_service()
                 self.expired.add(in_service)
                 return in_service
             if now >= self._ping_at():
                 return None
             await self._sleep_until(self._next_wake())
+
+    def _in_service(self) -> int:
+        """The oldest pending request: ids grow with each send and a dict keeps the
+        order of insertion, so it is the first key."""
+        return next(iter(self._pending))
 
     def _ping_at(self) -> float:
         """Loop time of the next idle ping (inf: requests pending, or no pings)."""
