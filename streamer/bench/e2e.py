@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamer.bench.kafka_io import read_outputs, throughput, wait_for_count
+from streamer.bench.kafka_io import (
+    forward_ms_by_batch_size,
+    read_outputs,
+    throughput,
+    wait_for_count,
+)
 from streamer.bench.service import ChildProcess, MemorySampler, ServiceProcess
 
 
@@ -42,6 +47,7 @@ async def measure_drain(
     result: dict[str, Any] = throughput(outputs, skip)
     result["wall_s_including_start"] = time.monotonic() - started
     result["mean_batch_size"] = sum(o.batch_size for o in outputs) / len(outputs)
+    result["forward_ms_by_batch_size"] = forward_ms_by_batch_size(outputs)
     result["steady"] = throughput(outputs, len(outputs) // 5)
     if ready_at is not None:
         span = outputs[-1].appended_ms / 1000 - ready_at

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,6 +154,24 @@ class Output:
     appended_ms: int  # broker append time of the prediction
     source_ms: int  # CreateTime of the input record it answers
     batch_size: int
+    forward_ms: float | None = None  # its batch's forward pass (timings), when written
+
+
+def forward_ms_by_batch_size(outputs: list[Output]) -> dict[int, dict[str, float]]:
+    """Per batch size: how many batches, and their median forward pass in ms.
+
+    Every record of a batch carries the batch's time, so each batch counts once
+    whatever its size. The same size runs slower when records arrive one by one than
+    in a drain (docs/BENCHMARKS.md, run Q): the steady phases and the drain show it.
+    """
+    by_size: dict[int, list[float]] = {}
+    for o in outputs:
+        if o.forward_ms is not None:
+            by_size.setdefault(o.batch_size, []).append(o.forward_ms)
+    return {
+        size: {"batches": len(times) / size, "median_ms": statistics.median(times)}
+        for size, times in sorted(by_size.items())
+    }
 
 
 async def read_outputs(options: dict[str, Any], topic: str) -> list[Output]:
@@ -167,8 +186,15 @@ async def read_outputs(options: dict[str, Any], topic: str) -> list[Output]:
         body = json.loads(record.value or b"{}")
         if "batch_size" not in body:
             raise ValueError(f"{topic}: a prediction without batch_size; set include_timings")
+        timings = body.get("timings") or {}
+        forward_ms = timings.get("inference_ms")
         outputs.append(
-            Output(record.timestamp, int(body["source"]["timestamp"]), int(body["batch_size"]))
+            Output(
+                record.timestamp,
+                int(body["source"]["timestamp"]),
+                int(body["batch_size"]),
+                None if forward_ms is None else float(forward_ms),
+            )
         )
     outputs.sort(key=lambda o: o.appended_ms)
     return outputs

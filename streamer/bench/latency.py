@@ -14,7 +14,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from streamer.bench.kafka_io import produce_paced, read_outputs, wait_for_count
+from streamer.bench.kafka_io import (
+    forward_ms_by_batch_size,
+    produce_paced,
+    read_outputs,
+    wait_for_count,
+)
 from streamer.bench.service import MemorySampler, ServiceProcess
 
 
@@ -64,6 +69,7 @@ async def run_latency(
         "p99_s": percentile(latencies, 99),
         "max_s": latencies[-1] if latencies else 0.0,
         "mean_batch_size": sum(o.batch_size for o in outputs) / max(1, len(outputs)),
+        "forward_ms_by_batch_size": forward_ms_by_batch_size(outputs),
         "latencies_s": latencies,
         "memory": sampler.summary(since),
         "produced_total": expected_before + run.sent,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamer.bench.kafka_io import Output, throughput
+from streamer.bench.kafka_io import Output, forward_ms_by_batch_size, throughput
 from streamer.bench.targets import verdicts
 
 pytestmark = pytest.mark.timeout(10)
@@ -50,3 +50,13 @@ def test_the_gpu_engine_is_judged_in_images_per_second_and_against_its_ceiling()
     ]["met"]
     cpu = {"ceiling": {"device": "cpu", "images_per_s": 50.0}, "engine": {"images_per_s": 44.0}}
     assert "gpu_engine_images_per_s" not in verdicts(cpu)
+
+
+def test_forward_times_are_counted_once_per_batch_by_size() -> None:
+    # Two batches of 4 (90 and 110 ms) and one of 1 (30 ms); the naive loop writes none.
+    outputs = [Output(0, 0, 4, 90.0)] * 4 + [Output(0, 0, 4, 110.0)] * 4
+    outputs += [Output(0, 0, 1, 30.0), Output(0, 0, 1, None)]
+    assert forward_ms_by_batch_size(outputs) == {
+        1: {"batches": 1.0, "median_ms": 30.0},
+        4: {"batches": 2.0, "median_ms": 100.0},
+    }
