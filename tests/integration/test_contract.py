@@ -109,7 +109,7 @@ async def test_outputs_follow_the_published_contract(
     )
     assert [t["index"] for t in from_event] == [t["index"] for t in from_bytes]
     # The two rode in different batches: fp32 sums in another order at another batch size
-    # (5e-8 apart in one CI run), far below what another image's scores would differ by.
+    # (5e-8 apart in one CI run). The classes above must match exactly, in order.
     assert [t["score"] for t in from_event] == pytest.approx(
         [t["score"] for t in from_bytes], rel=0, abs=1e-5
     )
