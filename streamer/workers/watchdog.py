@@ -67,7 +67,7 @@ class Watchdog:
             return False
         return True
 
-    def in_service_deadline(self) -> float:
+    def _in_service_deadline(self) -> float:
         """Loop time at which the request in service runs out (inf: none pending, or no limit)."""
         if not self._pending:
             return math.inf
@@ -81,7 +81,7 @@ class Watchdog:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            if now >= self.in_service_deadline():
+            if now >= self._in_service_deadline():
                 in_service = self._in_service()
                 self.expired.add(in_service)
                 return in_service
@@ -101,7 +101,7 @@ class Watchdog:
         return self._last_reply + self.hang_timeout_s / 2
 
     def _next_wake(self) -> float:
-        return min(self.in_service_deadline(), self._ping_at())
+        return min(self._in_service_deadline(), self._ping_at())
 
     def _wake_if_earlier(self) -> None:
         if self._next_wake() < self._sleeping_until:
