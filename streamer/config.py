@@ -22,6 +22,17 @@ def default_decode_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def default_cpu_inference_workers() -> int:
+    """Two CPU inference workers, each on half the cores (one on a single core).
+
+    On 2 cores two one-thread workers ran end to end 15-17% faster than one
+    two-thread worker (docs/BENCHMARKS.md, 2026-12-04): a two-thread forward pass
+    waits at every barrier for whichever thread decode or Kafka preempted, and
+    one-thread passes scale better. More workers are not measured yet.
+    """
+    return min(2, os.cpu_count() or 1)
+
+
 def read_secret_file(setting: str, path: str) -> SecretStr:
     """The content of a secret file, without its trailing newline.
 
@@ -136,7 +147,17 @@ class Settings(BaseSettings):
         " event loop, shared memory, pipes, batching) alone",
     )
     inference_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads of the inference worker; unset: torch's choice"
+        None,
+        ge=1,
+        description="torch CPU threads of each inference worker; unset: the cores shared"
+        " out among the CPU inference workers (all of them for one)",
+    )
+    cpu_inference_workers: int = Field(
+        default_factory=default_cpu_inference_workers,
+        ge=1,
+        description="inference worker processes when inference runs on the CPU, each with"
+        " its own model and threads; default: 2 (1 on a single core); ignored on CUDA (one"
+        " worker per GPU)",
     )
     jpeg_decode: Literal["auto", "cpu", "device"] = Field(
         "auto",

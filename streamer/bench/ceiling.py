@@ -1,16 +1,23 @@
 """(a) The model ceiling: forward passes on ready uint8 tensors, per batch size.
 
 Runs the inference worker's own ``Classifier`` (normalise, ResNet18 in
-channels_last, softmax, top-k) in this process, with the same thread count and
-precision the service's inference worker gets, on tensors already in memory: no
-decode, no IPC, no Kafka. The best batch size's images per second is the
-ceiling the pipeline is compared with.
+channels_last, softmax, top-k) with the same thread count and precision the
+service's inference worker gets, on tensors already in memory: no decode, no
+IPC, no Kafka. The best batch size's images per second is the ceiling the
+pipeline is compared with.
+
+One worker runs in this process. Several (``cpu_inference_workers``) run as that
+many processes at once, each sweeping the same batch size at the same time (a
+barrier before each), and their images per second add up: the ceiling of the
+layout the service runs.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,8 +35,10 @@ def run_ceiling(
     batch_sizes: tuple[int, ...],
     min_s: float,
     device: str = "cpu",
+    before_each: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
-    """Images per second and seconds per forward pass for each batch size."""
+    """Images per second and seconds per forward pass for each batch size, in this
+    process; ``before_each`` runs after each size's warm-up, before it is timed."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -41,6 +50,7 @@ def run_ceiling(
                 0, 256, (size, 3, 224, 224), dtype=torch.uint8, generator=generator
             )
             classifier.classify(pixels)  # warm-up: allocator and kernel selection
+            before_each()
             passes: list[float] = []
             started = time.perf_counter()
             while len(passes) < 2 or time.perf_counter() - started < min_s:
@@ -50,6 +60,8 @@ def run_ceiling(
                 "images_per_s": size / mean_s,
                 "forward_s": mean_s,
                 "passes": float(len(passes)),
+                "workers": 1,
+                "threads": threads,
             }
             log.info("ceiling batch=%d images_per_s=%.2f", size, size / mean_s)
     finally:
@@ -65,9 +77,82 @@ def run_ceiling(
     }
 
 
+def run_ceiling_workers(
+    workers: int,
+    weights: str,
+    precision: str,
+    threads: int,
+    batch_sizes: tuple[int, ...],
+    min_s: float,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The ceiling of ``workers`` inference workers of ``threads`` threads each, all
+    running at once (one: in this process). Per batch size, images per second are
+    the workers' sum; ``forward_s`` is their mean, one worker's time per pass."""
+    if workers == 1:
+        alone = run_ceiling(weights, precision, threads, batch_sizes, min_s, device)
+        return {**alone, "workers": 1}
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(workers), context.Queue()
+    args = (weights, precision, threads, batch_sizes, min_s, device, barrier, results)
+    processes = [context.Process(target=_sweep_beside_others, args=args) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        sweeps = [results.get(timeout=600) for _ in processes]
+    finally:
+        barrier.abort()  # a worker that failed must not leave the others waiting
+        for process in processes:
+            process.join(timeout=60)
+    failed = [s for s in sweeps if isinstance(s, str)]
+    if failed:
+        raise RuntimeError(f"a ceiling worker failed: {failed[0]}")
+    by_batch = {
+        size: {
+            "images_per_s": sum(s["by_batch_size"][size]["images_per_s"] for s in sweeps),
+            "forward_s": sum(s["by_batch_size"][size]["forward_s"] for s in sweeps) / workers,
+            "passes": sum(s["by_batch_size"][size]["passes"] for s in sweeps),
+            "workers": workers,
+            "threads": threads,
+        }
+        for size in sweeps[0]["by_batch_size"]
+    }
+    best = max(by_batch, key=lambda k: by_batch[k]["images_per_s"])
+    return {
+        **sweeps[0],
+        "workers": workers,
+        "by_batch_size": by_batch,
+        "best_batch_size": int(best),
+        "images_per_s": by_batch[best]["images_per_s"],
+    }
+
+
+def _sweep_beside_others(
+    weights: str,
+    precision: str,
+    threads: int,
+    batch_sizes: tuple[int, ...],
+    min_s: float,
+    device: str,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One worker of ``run_ceiling_workers``: its sweep, or its error as a string."""
+    try:
+        sweep: dict[str, Any] | str = run_ceiling(
+            weights, precision, threads, batch_sizes, min_s, device, before_each=barrier.wait
+        )
+    except Exception as exc:
+        barrier.abort()  # the other workers stop waiting for this one
+        sweep = repr(exc)
+    results.put(sweep)
+
+
 def best_of(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per batch size, the fastest of several sweeps (the machine is shared: take its best).
 
+    The sweeps may be of different layouts (``run_ceiling_workers``): each batch
+    size's row names its own, and ``workers`` and ``threads`` are the best row's.
     Using the best sweep makes the targets that divide by the ceiling, or compare
     with a forward pass, harder to meet, never easier.
     """
@@ -81,6 +166,8 @@ def best_of(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
         by_batch_size=by_batch,
         best_batch_size=int(best),
         images_per_s=by_batch[best]["images_per_s"],
+        workers=by_batch[best].get("workers", 1),
+        threads=by_batch[best].get("threads", merged.get("threads")),
         sweeps=sweeps,
     )
     return merged

@@ -78,6 +78,8 @@ async def run_host(
         # The null model computes nothing: a second intra-op thread only waits at
         # barriers for a thread the main process preempted (10x slower measured).
         inference_threads=1,
+        # One inference process, as on one GPU: the host path feeds it.
+        cpu_inference_workers=1,
         # Batches as large as on a GPU: the null model's time grows with the batch
         # (top-k per row), so its table would choose small batches a GPU would not.
         batch_size_from_table=False,

@@ -53,7 +53,8 @@ def summary_table(results: dict[str, Any]) -> str:
             (
                 "(a) model ceiling",
                 f"{c['images_per_s']:.2f} img/s "
-                f"(batch {c['best_batch_size']}, {c['threads']} threads)",
+                f"(batch {c['best_batch_size']}, {c.get('workers', 1)} worker(s) x"
+                f" {c['threads']} threads)",
             )
         )
         agreed = c.get("agreement_with_fp32")

@@ -27,7 +27,7 @@ import torch
 
 from streamer.bench import gpu, metrics_cost
 from streamer.bench.agreement import agreement
-from streamer.bench.ceiling import best_of, run_ceiling
+from streamer.bench.ceiling import best_of, run_ceiling_workers
 from streamer.bench.device_batch import DEVICE_BATCH_STAGE, breakdown
 from streamer.bench.e2e import run_naive, run_service_throughput
 from streamer.bench.engine import run_engine
@@ -43,6 +43,7 @@ from streamer.bench.workload import (
     BenchConfig,
     free_port,
     inference_threads,
+    inference_workers,
     payloads,
     run_prefix,
     service_settings,
@@ -113,6 +114,9 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
     await asyncio.to_thread(results_dir.mkdir, parents=True, exist_ok=True)
     settings = service_settings(config, prefix, metrics_port=free_port())
     threads = inference_threads(settings)
+    # The ceiling's layout: the CPU inference workers (one per device on CUDA, whose
+    # ceiling is one device's).
+    workers = inference_workers(settings) if settings_device(settings) == "cpu" else 1
     corpus = payloads(config.corpus_size, sizes=config.corpus_sizes)
     batch_sizes = tuple(sorted({*config.ceiling_batch_sizes, config.max_batch_size}))
     results: dict[str, Any] = {
@@ -130,14 +134,17 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
     stages = set(config.stages)
 
     def sweep_ceiling() -> dict[str, Any]:
-        return run_ceiling(
-            config.weights,
-            config.precision,
-            threads,
-            batch_sizes,
-            config.ceiling_min_s,
-            device=settings_device(settings),
-        )
+        """The service's layout of inference workers and, when it runs several on the
+        CPU, one worker on every core as well: per batch size the faster of the two."""
+        layouts = {(workers, threads)} | ({(1, os.cpu_count() or 1)} if workers > 1 else set())
+        device = settings_device(settings)
+        sweeps = [
+            run_ceiling_workers(
+                w, config.weights, config.precision, t, batch_sizes, config.ceiling_min_s, device
+            )
+            for w, t in sorted(layouts, reverse=True)
+        ]
+        return best_of(sweeps)
 
     libraries: list[str] | None = None  # device-checked JPEG libraries: engine runs each
     if "device_check" in stages:
@@ -153,7 +160,9 @@ async def _run(config: BenchConfig, results_dir: Path, prefix: str) -> dict[str,
             config.max_batch_size, config.weights, config.precision,
         )  # fmt: skip
     if "ceiling" in stages:
-        log.info("bench (a) ceiling batch_sizes=%s threads=%d", batch_sizes, threads)
+        log.info(
+            "bench (a) ceiling batch_sizes=%s workers=%d threads=%d", batch_sizes, workers, threads
+        )
         results["ceiling"] = sweep_ceiling()
         results["ceiling"]["load_average_after"] = os.getloadavg()
         if config.precision != "fp32":

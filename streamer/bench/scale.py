@@ -63,6 +63,7 @@ def instance_settings(config: BenchConfig, prefix: str, index: int) -> Settings:
         max_in_flight=config.scale_max_in_flight,
         max_batch_size=min(config.max_batch_size, config.scale_max_in_flight),
         inference_threads=config.scale_inference_threads,
+        cpu_inference_workers=1,
         inference_standby=False,
     )
 

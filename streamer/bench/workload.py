@@ -11,6 +11,7 @@ from typing import Any
 
 from streamer import corpus
 from streamer.config import Settings
+from streamer.vision.devices import cuda_device_count, resolve_devices, threads_per_worker
 
 CORPUS_SIZES = ((500, 375), (224, 224))
 STAGES = ("ceiling", "engine", "host", "naive", "e2e", "latency", "soak")
@@ -34,6 +35,7 @@ class BenchConfig:
     batches_in_flight_per_device: int = 2
     decode_workers: int | None = None  # None: the service default (cores - 1)
     inference_threads: int | None = None  # None: the service default (all cores)
+    cpu_inference_workers: int | None = None  # None: the service default
     weights: str = "random:0"  # pretrained weights cannot be downloaded offline
     partitions: int = 3
     corpus_size: int = 64  # distinct images, cycled
@@ -165,10 +167,20 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
         values["decode_workers"] = config.decode_workers
     if config.inference_threads is not None:
         values["inference_threads"] = config.inference_threads
+    if config.cpu_inference_workers is not None:
+        values["cpu_inference_workers"] = config.cpu_inference_workers
     values.update(overrides)
     return Settings(**values)
 
 
+def inference_workers(settings: Settings) -> int:
+    """The inference workers the engine starts for these settings."""
+    devices = resolve_devices(settings.device, cuda_device_count(), settings.cpu_inference_workers)
+    return len(devices)
+
+
 def inference_threads(settings: Settings) -> int:
-    """The thread count the inference worker uses (same rule as the engine)."""
-    return settings.inference_threads or max(1, os.cpu_count() or 1)
+    """The thread count each inference worker uses (the engine's rule)."""
+    return threads_per_worker(
+        settings.inference_threads, inference_workers(settings), os.cpu_count()
+    )

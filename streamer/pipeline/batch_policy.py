@@ -23,8 +23,9 @@ decoded):
    of the best ``b / t(b)``; a larger batch would add latency and buy almost no
    throughput), or the largest ``b`` with ``2 t(b) <= budget`` if that is smaller.
    Batches that small must still keep up with the arrival rate
-   (``b / t(b) >= KEEP_UP x rate``, the rate counted over the last
-   ``RATE_WINDOW_S``); if they cannot, the size is the smallest that can, or the
+   (``workers x b / t(b) >= KEEP_UP x rate``, the rate counted over the last
+   ``RATE_WINDOW_S``, with ``workers`` inference workers running batches side by
+   side); if they cannot, the size is the smallest that can, or the
    most efficient one when none can, because a queue that grows misses any target.
    The fill wait is what is left of the budget, ``budget - 2 t(b)``, never more
    than ``max_batch_delay_ms`` (waiting longer than that buys no throughput at a
@@ -171,10 +172,12 @@ class LatencyTargetPolicy:
         max_batch_size: int,
         max_delay_s: float,
         batch_time: BatchTime,
+        workers: int = 1,
     ) -> None:
         if target_s <= 0:
             raise ValueError("a latency target must be positive")
         self.target_s = target_s
+        self.workers = workers  # inference workers, each running its own batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self._t = batch_time
@@ -265,7 +268,7 @@ class LatencyTargetPolicy:
         """The smallest batch about as efficient as any (``best_batch_size`` over t(b)),
         or a smaller one when the budget needs it (the largest with ``2 t(b) <= budget``,
         at least 1); then grown to the smallest size that keeps up with the arrival
-        rate, or the most efficient size when none does."""
+        rate (``workers`` batches at a time), or the most efficient size when none does."""
         fits = 1
         for size in range(self.max_batch_size, 1, -1):
             t = self._t(size)
@@ -275,7 +278,7 @@ class LatencyTargetPolicy:
         needed = KEEP_UP * self.rate_per_s
         for size in range(min(fits, self._efficient_size()), self.max_batch_size + 1):
             t = self._t(size)
-            if t is None or size / t >= needed:
+            if t is None or self.workers * size / t >= needed:
                 return size
         return self._drain_size()
 

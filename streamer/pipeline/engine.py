@@ -65,6 +65,7 @@ from streamer.vision.devices import (
     cuda_device_count,
     jpeg_on_device,
     resolve_devices,
+    threads_per_worker,
 )
 from streamer.vision.models import MODEL_NAME, WeightsSpec
 from streamer.workers import decode_worker, inference_worker
@@ -112,7 +113,9 @@ class Engine:
         self.settings = settings
         self.metrics = metrics
         self.weights = WeightsSpec.parse(settings.weights)
-        self.devices = resolve_devices(settings.device, cuda_device_count())
+        self.devices = resolve_devices(
+            settings.device, cuda_device_count(), settings.cpu_inference_workers
+        )
         self.device_jpeg = jpeg_on_device(settings.jpeg_decode, self.devices)
         if self.device_jpeg:
             check_jpeg_library(settings.device_jpeg_library)
@@ -135,6 +138,7 @@ class Engine:
                 settings.max_batch_size,
                 delay_s,
                 self.batch_times.estimated_s,
+                workers=len(self.devices),
             )
         )
         self._decoding = 0  # records in the decode stage: the batcher's backlog
@@ -153,7 +157,7 @@ class Engine:
         self.metrics.shm_bytes.set(self.slots.layout.total_bytes)
         layout = self.slots.layout
         limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
-        threads = s.inference_threads or max(1, os.cpu_count() or 1)
+        threads = threads_per_worker(s.inference_threads, len(self.devices), os.cpu_count())
         self.decoders = WorkerPool(
             "decode",
             s.decode_workers,
@@ -194,7 +198,7 @@ class Engine:
         self.model_info = ModelInfo(
             name=MODEL_NAME,
             weights=info["weights"],
-            device=",".join(self.devices),
+            device=",".join(dict.fromkeys(self.devices)),
             precision=s.precision,
         )
         self.metrics.model.info(self.model_info.model_dump())

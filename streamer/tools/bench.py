@@ -57,6 +57,12 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--decode-workers", type=int, default=None)
     parser.add_argument("--inference-threads", type=int, default=None)
+    parser.add_argument(
+        "--cpu-inference-workers",
+        type=int,
+        default=None,
+        help="inference worker processes on the CPU, sharing its cores (default 1)",
+    )
     parser.add_argument("--engine-records", type=int, default=None)
     parser.add_argument("--e2e-records", type=int, default=None)
     parser.add_argument("--naive-records", type=int, default=None)
@@ -107,6 +113,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "batches_in_flight_per_device",
         "decode_workers",
         "inference_threads",
+        "cpu_inference_workers",
         "engine_records",
         "e2e_records",
         "naive_records",

@@ -13,21 +13,32 @@ from streamer.errors import ConfigError
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def resolve_devices(requested: str, cuda_devices: int) -> list[str]:
+def resolve_devices(requested: str, cuda_devices: int, cpu_workers: int = 1) -> list[str]:
     """One inference worker per returned device.
 
     ``auto`` uses every CUDA device when there is one, else the CPU; ``cuda``
-    insists on CUDA and fails clearly without it; ``cpu`` forces the CPU.
+    insists on CUDA and fails clearly without it; ``cpu`` forces the CPU. The CPU
+    is returned ``cpu_workers`` times: that many inference workers share its cores,
+    each with its own threads (``cpu_inference_workers``).
     """
+    if cpu_workers < 1:
+        raise ConfigError(f"cpu_inference_workers must be at least 1, not {cpu_workers}")
+    cuda = [f"cuda:{i}" for i in range(cuda_devices)]
     if requested == "cpu":
-        return ["cpu"]
+        return ["cpu"] * cpu_workers
     if requested == "cuda":
         if cuda_devices == 0:
             raise ConfigError("--device cuda was requested but no CUDA device is available")
-        return [f"cuda:{i}" for i in range(cuda_devices)]
+        return cuda
     if requested == "auto":
-        return [f"cuda:{i}" for i in range(cuda_devices)] or ["cpu"]
+        return cuda or ["cpu"] * cpu_workers
     raise ConfigError(f"unknown device {requested!r}; expected auto, cpu or cuda")
+
+
+def threads_per_worker(threads: int | None, workers: int, cores: int | None) -> int:
+    """torch threads of each inference worker: ``threads`` when set, else the cores
+    shared out among the ``workers`` (at least one each)."""
+    return threads or max(1, (cores or 1) // workers)
 
 
 def cuda_device_count() -> int:

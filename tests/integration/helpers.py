@@ -120,6 +120,8 @@ def service_settings(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
         # A standby is one more model to load before a service is ready (issue 11);
         # the tests of worker deaths, where it matters, turn it on.
         "inference_standby": False,
+        # One model per service, as above; tests of several CPU workers ask for them.
+        "cpu_inference_workers": 1,
         # The start-up batch-time table (tested in tests/unit) costs each start a
         # second and makes batch sizes depend on the machine's speed at that moment.
         "batch_size_from_table": False,

@@ -57,14 +57,24 @@ def invalid_payloads() -> dict[str, tuple[bytes, str]]:
     }
 
 
+# Two CPU inference workers (the default on two or more cores) with small batches, so
+# that batches run side by side: each worker answers some, with the same answers.
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"cpu_inference_workers": 2, "inference_threads": 1, "max_batch_size": 2}],
+    ids=["one-worker", "two-cpu-workers"],
+)
 async def test_every_image_gets_one_correct_prediction_and_every_bad_one_a_dead_letter(
     kafka_bootstrap: str,
     kafka_options: dict[str, str],
     unique_name: str,
     new_topics,
     samples: list[corpus.Sample],
+    layout: dict[str, int],
 ) -> None:
-    settings = service_settings(kafka_bootstrap, unique_name, max_payload_bytes=640 * 1024)
+    settings = service_settings(
+        kafka_bootstrap, unique_name, max_payload_bytes=640 * 1024, **layout
+    )
     await new_topics("in", "out", "dlq", partitions=3)
     bad = invalid_payloads()
     messages = [(s.name.encode(), s.data, [("ce_id", s.name.encode())]) for s in samples]
@@ -85,6 +95,9 @@ async def test_every_image_gets_one_correct_prediction_and_every_bad_one_a_dead_
 
         await wait_for(all_committed, 30, "committed offsets to reach the end of every partition")
         assert service.loop_lag.max_s < 1.0
+        workers = service.engine.inference.workers
+        assert len(workers) == settings.cpu_inference_workers
+        assert all(w is not None and w.served for w in workers)
 
     # Exactly one prediction per valid image, none for invalid payloads.
     predictions = [json.loads(r.value) for r in outputs]

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from streamer.errors import ConfigError
-from streamer.vision.devices import check_precision, cpu_flags, resolve_devices
+from streamer.vision.devices import (
+    check_precision,
+    cpu_flags,
+    resolve_devices,
+    threads_per_worker,
+)
 
 
 @pytest.mark.parametrize(
@@ -20,6 +25,31 @@ from streamer.vision.devices import check_precision, cpu_flags, resolve_devices
 )
 def test_devices_are_resolved(requested: str, gpus: int, expected: list[str]) -> None:
     assert resolve_devices(requested, gpus) == expected
+
+
+def test_the_cpu_is_returned_once_per_cpu_inference_worker_and_cuda_ignores_them() -> None:
+    assert resolve_devices("cpu", 0, cpu_workers=2) == ["cpu", "cpu"]
+    assert resolve_devices("auto", 0, cpu_workers=3) == ["cpu"] * 3
+    assert resolve_devices("auto", 1, cpu_workers=2) == ["cuda:0"]  # one worker per GPU
+    with pytest.raises(ConfigError, match="at least 1"):
+        resolve_devices("cpu", 0, cpu_workers=0)
+
+
+@pytest.mark.parametrize(
+    ("threads", "workers", "cores", "expected"),
+    [
+        (None, 1, 2, 2),  # one worker: every core
+        (None, 2, 2, 1),  # the cores shared out
+        (None, 3, 8, 2),
+        (None, 4, 2, 1),  # at least one each
+        (3, 2, 2, 3),  # set: as set
+        (None, 1, None, 1),  # cores unknown
+    ],
+)
+def test_threads_per_worker(
+    threads: int | None, workers: int, cores: int | None, expected: int
+) -> None:
+    assert threads_per_worker(threads, workers, cores) == expected
 
 
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:

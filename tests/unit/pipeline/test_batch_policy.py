@@ -170,6 +170,17 @@ def test_with_a_fixed_cost_per_batch_the_smallest_size_that_keeps_up_is_chosen()
     assert p.size_limit(1, 0) == 12
 
 
+def test_with_two_workers_a_batch_keeps_up_at_twice_the_rate_one_worker_serves() -> None:
+    table = lambda b: 0.2 + 0.01 * b  # noqa: E731  budget alone: 5 (20 per second each)
+    one = LatencyTargetPolicy(0.5, 32, 0.05, table)
+    two = LatencyTargetPolicy(0.5, 32, 0.05, table, workers=2)
+    for p in (one, two):
+        for i in range(60):  # 30 per second: 36 needed
+            p.arrived(i / 30)
+    assert one.size_limit(1, 0) == 12  # 12 / 0.32 = 37.5 per second
+    assert two.size_limit(1, 0) == 5  # 2 x 5 / 0.25 = 40 per second: the budget's size
+
+
 def test_the_arrival_rate_counts_only_the_last_window() -> None:
     p = policy()
     for i in range(10):

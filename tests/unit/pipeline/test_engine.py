@@ -254,16 +254,20 @@ class HeldPool:
         return BatchResult([[e.slot] for e in entries], [[1.0] for _ in entries], 0.01)
 
 
-@pytest.mark.parametrize("in_flight", [2, 3])
+@pytest.mark.parametrize(("per_worker", "workers"), [(2, 1), (3, 1), (2, 2)])
 async def test_batches_in_flight_per_device_bounds_the_batches_sent_before_one_returns(
-    in_flight: int,
+    per_worker: int, workers: int
 ) -> None:
+    """Each CPU inference worker counts as a device: ``workers`` of them take that many
+    times the batches."""
+    in_flight = per_worker * workers
     settings = Settings(
         weights="random:0",
         device="cpu",
         max_batch_size=1,
         batch_size_from_table=False,
-        batches_in_flight_per_device=in_flight,
+        batches_in_flight_per_device=per_worker,
+        cpu_inference_workers=workers,
     )
     engine = Engine(settings, Metrics())
     pool = HeldPool()

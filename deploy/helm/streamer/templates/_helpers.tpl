@@ -71,6 +71,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
     "session_timeout_ms" "security_protocol" "sasl_mechanism" "sasl_username" "sasl_password"
     "sasl_password_file" "ssl_cafile" "ssl_certfile" "ssl_keyfile" "device" "delivery"
     "max_in_flight" "max_payload_bytes" "max_batch_size" "decode_workers" "inference_threads"
+    "cpu_inference_workers"
     "drain_timeout_s" "metrics_host" "metrics_port" "log_format" "log_level" | toJson }}
 {{- end }}
 
