@@ -127,6 +127,9 @@ class Batcher(Generic[T, R]):
                 except TimeoutError:
                     break
             await self._slots.acquire()
+            # Records that queued while every batch slot was taken are already late:
+            # the size is decided again now, with them counted.
+            self._max_size = self._policy.size_limit(len(self._pending), self._backlog())
             batch = self._pending[: self._max_size]
             del self._pending[: self._max_size]
             if len(self._pending) < self._max_size:

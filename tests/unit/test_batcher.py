@@ -98,3 +98,41 @@ async def test_submit_requires_a_running_batcher_and_stop_fails_queued_items() -
     assert queued.done() and queued.cancelled() is False
     with pytest.raises(asyncio.CancelledError):
         queued.result()
+
+
+class TakesWhatIsQueued:
+    """A policy whose batch is whatever is queued when it is asked, without waiting."""
+
+    def arrived(self, now: float) -> None:
+        pass
+
+    def size_limit(self, queued: int, backlog: int) -> int:
+        return max(1, queued)
+
+    def fill_wait_s(self, queued: int, backlog: int) -> float:
+        return 0.0
+
+
+async def test_the_size_is_decided_again_when_a_slot_frees_counting_records_queued_since() -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+    batches: list[list[int]] = []
+
+    async def run(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        started.set()
+        if len(batches) == 1:
+            await release.wait()  # the only slot stays taken while more records queue
+        return list(items)
+
+    async with Batcher(
+        run, max_batch_size=8, max_batch_delay_ms=0, policy=TakesWhatIsQueued()
+    ) as batcher:
+        first = batcher.submit(0)
+        await asyncio.wait_for(started.wait(), 2)
+        rest = [batcher.submit(1)]
+        for _ in range(20):  # the loop sizes the next batch at 1 and waits for the slot
+            await asyncio.sleep(0)
+        rest += [batcher.submit(i) for i in range(2, 5)]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 2)
+    assert batches == [[0], [1, 2, 3, 4]]  # not [1], [2, 3, 4]: sized when it can run

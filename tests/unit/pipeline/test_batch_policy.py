@@ -152,6 +152,21 @@ def test_batches_the_budget_allows_grow_when_they_cannot_keep_up_with_arrivals()
     assert p.size_limit(1, 0) == 32
 
 
+def test_when_no_batch_has_the_margin_the_smallest_that_keeps_up_without_it_is_taken() -> None:
+    p = policy(target_s=0.5)  # budget: 12; efficiency: 8 (47.1 per second)
+    for i in range(84):  # 42 per second: 50.4 needed with the margin, which no size has
+        p.arrived(i / 42)  # (32 gives 49.2); without it 8 keeps up, as any from 3 would
+    assert p.size_limit(1, 0) == 8  # not the drain size, 32 (0.65 s a batch)
+
+
+def test_records_already_queued_may_fill_a_batch_up_to_the_efficient_size() -> None:
+    p = policy(target_s=0.1)  # the budget's size: 2 (2 t(2) = 0.1 s); efficient: 8
+    assert p.size_limit(1, 0) == 2
+    assert p.size_limit(6, 0) == 6  # six are waiting already: one batch, not three
+    assert p.size_limit(20, 0) == 8  # no more than the efficient size
+    assert p.fill_wait_s(6, 0) == 0.0  # 2 t(6) is past the budget: no waiting for more
+
+
 def test_when_nothing_keeps_up_it_takes_the_most_efficient_batch_not_the_largest() -> None:
     def cliff(b: int) -> float:  # 16 images fit in cache; larger batches are half as fast
         return 0.010 + 0.020 * b if b <= 16 else 0.04 * b
