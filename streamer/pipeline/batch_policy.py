@@ -25,11 +25,12 @@ decoded):
    Batches that small must still keep up with the arrival rate
    (``workers x b / t(b) >= KEEP_UP x rate``, the rate counted over the last
    ``RATE_WINDOW_S``, with ``workers`` inference workers running batches side by
-   side); if they cannot, the size is the smallest that can, then the smallest
-   that keeps up without the margin (at 90% of the drain peak no size has 20% to
-   spare: benchmark of 2026-12-04, where the drain size, 20, ran 0.84 s a batch
-   and p99 was 0.96 s), or the most efficient one when none keeps up, because a
-   queue that grows misses any target.
+   side); if they cannot, the size is the smallest that can, or when none can,
+   the smallest about as efficient as any (``best_batch_size``): near capacity
+   the queue decides latency, and that size serves it almost as fast as any with
+   the shortest batches. (It was the drain size, the largest: at 90% of the drain
+   peak no size had 20% to spare, and in the benchmark of 2026-12-04 a batch of
+   20 ran 0.84 s and p99 was 0.96 s.) Under lag, step 1 drains.
    Records already queued beyond that size may join the batch, up to the most
    efficient size: they have waited already (the ``Batcher`` asks again when a
    batch slot frees, with what queued meanwhile counted). The fill wait is what is
@@ -279,22 +280,21 @@ class LatencyTargetPolicy:
         """The smallest batch about as efficient as any (``best_batch_size`` over t(b)),
         or a smaller one when the budget needs it (the largest with ``2 t(b) <= budget``,
         at least 1); then grown to the smallest size that keeps up with the arrival
-        rate (``workers`` batches at a time) with the ``KEEP_UP`` margin, else without
-        it, else the most efficient size."""
+        rate (``workers`` batches at a time) with the ``KEEP_UP`` margin, or, when none
+        does, the smallest about as efficient as any (``best_batch_size``)."""
         fits = 1
         for size in range(self.max_batch_size, 1, -1):
             t = self._t(size)
             if t is None or 2 * t <= self.budget_s:
                 fits = size
                 break
-        start = min(fits, self._efficient_size())
-        for margin in (KEEP_UP, 1.0):
-            needed = margin * self.rate_per_s
-            for size in range(start, self.max_batch_size + 1):
-                t = self._t(size)
-                if t is None or self.workers * size / t >= needed:
-                    return size
-        return self._drain_size()
+        efficient = self._efficient_size()
+        needed = KEEP_UP * self.rate_per_s
+        for size in range(min(fits, efficient), self.max_batch_size + 1):
+            t = self._t(size)
+            if t is None or self.workers * size / t >= needed:
+                return size
+        return efficient
 
     def _efficient_size(self) -> int:
         """``best_batch_size`` over the sizes the table knows (the largest if none)."""

@@ -148,14 +148,14 @@ def test_batches_the_budget_allows_grow_when_they_cannot_keep_up_with_arrivals()
     assert p.rate_per_s == pytest.approx(40, rel=0.05)
     assert p.size_limit(1, 0) == 12
     for i in range(120):  # 60 per second: 72 needed, but b / (0.01 + 0.02 b) < 50 for
-        p.arrived(2.0 + i / 60)  # every b: nothing keeps up, so the largest batch
-    assert p.size_limit(1, 0) == 32
+        p.arrived(2.0 + i / 60)  # every b: nothing keeps up, so the efficient size, 8
+    assert p.size_limit(1, 0) == 8  # (47.1 per second, within 5% of 32's 49.2)
 
 
-def test_when_no_batch_has_the_margin_the_smallest_that_keeps_up_without_it_is_taken() -> None:
+def test_when_no_batch_has_the_margin_the_efficient_size_is_taken_not_the_drain_size() -> None:
     p = policy(target_s=0.5)  # budget: 12; efficiency: 8 (47.1 per second)
     for i in range(84):  # 42 per second: 50.4 needed with the margin, which no size has
-        p.arrived(i / 42)  # (32 gives 49.2); without it 8 keeps up, as any from 3 would
+        p.arrived(i / 42)  # (32 gives 49.2)
     assert p.size_limit(1, 0) == 8  # not the drain size, 32 (0.65 s a batch)
 
 
@@ -174,7 +174,9 @@ def test_when_nothing_keeps_up_it_takes_the_most_efficient_batch_not_the_largest
     p = policy(target_s=0.5, table=cliff)
     for i in range(200):  # 100 per second: more than any size serves
         p.arrived(i / 100)
-    assert p.size_limit(1, 0) == 16  # 48.5 images/s; 32 gives 25
+    # 6 runs 46.2 images/s, within 5% of 16's 48.5 (the best) in 0.13 s; 32 gives 25.
+    assert p.size_limit(1, 0) == 6
+    assert p.size_limit(40, 0) == 16  # lagging: the drain size
 
 
 def test_with_a_fixed_cost_per_batch_the_smallest_size_that_keeps_up_is_chosen() -> None:
