@@ -256,8 +256,8 @@ class Settings(BaseSettings):
     )
     inference_standby: bool = Field(
         True,
-        description="keep a warm spare inference worker per device that takes over at once"
-        " when one dies",
+        description="keep a warm spare for each inference worker that takes over at once"
+        " when it dies",
     )
 
     # Operations
