@@ -150,7 +150,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="torch CPU threads of each inference worker; unset: the cores shared"
-        " out among the CPU inference workers (all of them for one)",
+        " out among the CPU inference workers (all of them for one, and for a GPU worker)",
     )
     cpu_inference_workers: int = Field(
         default_factory=default_cpu_inference_workers,

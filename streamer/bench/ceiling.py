@@ -7,9 +7,9 @@ IPC, no Kafka. The best batch size's images per second is the ceiling the
 pipeline is compared with.
 
 One worker runs in this process. Several (``cpu_inference_workers``) run as that
-many processes at once, each sweeping the same batch size at the same time (a
-barrier before each), and their images per second add up: the ceiling of the
-layout the service runs.
+many processes at once, each sweeping the same batch size over the same window
+(``Together``), and their images per second add up: the ceiling of the layout the
+service runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +27,42 @@ from streamer.vision.models import WeightsSpec
 log = logging.getLogger(__name__)
 
 
+class Alone:
+    """The pace of a sweep with nobody beside it: each size is timed for ``min_s``."""
+
+    def start(self, index: int) -> None:
+        pass
+
+    def others_done(self, index: int) -> bool:
+        return False
+
+    def done(self, index: int) -> None:
+        pass
+
+
+class Together(Alone):
+    """The pace of sweeps in several processes, timed over the same window.
+
+    All start each batch size at a barrier; the first to have timed ``min_s`` says
+    so, and the others stop there, leaving out the pass it ended in (it ran partly
+    alone). So every counted pass ran while all the workers were running: a worker
+    that finishes early never leaves the others' last passes uncontended.
+    """
+
+    def __init__(self, barrier: Any, finished: list[Any]) -> None:
+        self._barrier = barrier
+        self._finished = finished  # one multiprocessing Event per batch size
+
+    def start(self, index: int) -> None:
+        self._barrier.wait()
+
+    def others_done(self, index: int) -> bool:
+        return bool(self._finished[index].is_set())
+
+    def done(self, index: int) -> None:
+        self._finished[index].set()
+
+
 def run_ceiling(
     weights: str,
     precision: str,
@@ -35,26 +70,36 @@ def run_ceiling(
     batch_sizes: tuple[int, ...],
     min_s: float,
     device: str = "cpu",
-    before_each: Callable[[], object] = lambda: None,
+    pace: Alone | None = None,
 ) -> dict[str, Any]:
     """Images per second and seconds per forward pass for each batch size, in this
-    process; ``before_each`` runs after each size's warm-up, before it is timed."""
+    process. Each row's ``window`` is when its counted passes ran (``time.monotonic``,
+    shared by the processes of one machine) and ``ran_until`` when it stopped passing."""
+    pace = pace or Alone()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         classifier = Classifier(InferenceConfig(WeightsSpec.parse(weights), device, precision))
         generator = torch.Generator().manual_seed(0)
-        by_batch: dict[str, dict[str, float]] = {}
-        for size in batch_sizes:
+        by_batch: dict[str, dict[str, Any]] = {}
+        for index, size in enumerate(batch_sizes):
             pixels = torch.randint(
                 0, 256, (size, 3, 224, 224), dtype=torch.uint8, generator=generator
             )
             classifier.classify(pixels)  # warm-up: allocator and kernel selection
-            before_each()
+            pace.start(index)
             passes: list[float] = []
-            started = time.perf_counter()
-            while len(passes) < 2 or time.perf_counter() - started < min_s:
-                passes.append(classifier.classify(pixels).forward_s)
+            started = counted_until = time.monotonic()
+            while True:
+                forward_s = classifier.classify(pixels).forward_s
+                ended = time.monotonic()
+                if passes and pace.others_done(index):
+                    break  # this pass ran partly alone: not counted
+                passes.append(forward_s)
+                counted_until = ended
+                if len(passes) >= 2 and ended - started >= min_s:
+                    pace.done(index)
+                    break
             mean_s = sum(passes) / len(passes)
             by_batch[str(size)] = {
                 "images_per_s": size / mean_s,
@@ -62,6 +107,8 @@ def run_ceiling(
                 "passes": float(len(passes)),
                 "workers": 1,
                 "threads": threads,
+                "window": [started, counted_until],
+                "ran_until": ended,
             }
             log.info("ceiling batch=%d images_per_s=%.2f", size, size / mean_s)
     finally:
@@ -94,7 +141,8 @@ def run_ceiling_workers(
         return {**alone, "workers": 1}
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(workers), context.Queue()
-    args = (weights, precision, threads, batch_sizes, min_s, device, barrier, results)
+    finished = [context.Event() for _ in batch_sizes]
+    args = (weights, precision, threads, batch_sizes, min_s, device, barrier, finished, results)
     processes = [context.Process(target=_sweep_beside_others, args=args) for _ in range(workers)]
     for process in processes:
         process.start()
@@ -114,6 +162,8 @@ def run_ceiling_workers(
             "passes": sum(s["by_batch_size"][size]["passes"] for s in sweeps),
             "workers": workers,
             "threads": threads,
+            "windows": [s["by_batch_size"][size]["window"] for s in sweeps],
+            "ran_until": [s["by_batch_size"][size]["ran_until"] for s in sweeps],
         }
         for size in sweeps[0]["by_batch_size"]
     }
@@ -135,12 +185,13 @@ def _sweep_beside_others(
     min_s: float,
     device: str,
     barrier: Any,
+    finished: list[Any],
     results: Any,
 ) -> None:
     """One worker of ``run_ceiling_workers``: its sweep, or its error as a string."""
     try:
         sweep: dict[str, Any] | str = run_ceiling(
-            weights, precision, threads, batch_sizes, min_s, device, before_each=barrier.wait
+            weights, precision, threads, batch_sizes, min_s, device, Together(barrier, finished)
         )
     except Exception as exc:
         barrier.abort()  # the other workers stop waiting for this one

@@ -109,6 +109,7 @@ def null_engine_settings(settings: Settings) -> Settings:
             # As in the host stage: the null model computes nothing, and its batch-time
             # table would choose small batches a GPU would not.
             "inference_threads": 1,
+            "cpu_inference_workers": 1,
             "batch_size_from_table": False,
         }
     )

@@ -34,7 +34,7 @@ class BenchConfig:
     max_in_flight: int = 128
     batches_in_flight_per_device: int = 2
     decode_workers: int | None = None  # None: the service default (cores - 1)
-    inference_threads: int | None = None  # None: the service default (all cores)
+    inference_threads: int | None = None  # None: the service default (the cores shared out)
     cpu_inference_workers: int | None = None  # None: the service default
     weights: str = "random:0"  # pretrained weights cannot be downloaded offline
     partitions: int = 3
@@ -173,14 +173,18 @@ def service_settings(config: BenchConfig, prefix: str, **overrides: Any) -> Sett
     return Settings(**values)
 
 
+def inference_devices(settings: Settings) -> list[str]:
+    """The device of each inference worker the engine starts for these settings."""
+    return resolve_devices(settings.device, cuda_device_count(), settings.cpu_inference_workers)
+
+
 def inference_workers(settings: Settings) -> int:
     """The inference workers the engine starts for these settings."""
-    devices = resolve_devices(settings.device, cuda_device_count(), settings.cpu_inference_workers)
-    return len(devices)
+    return len(inference_devices(settings))
 
 
 def inference_threads(settings: Settings) -> int:
     """The thread count each inference worker uses (the engine's rule)."""
     return threads_per_worker(
-        settings.inference_threads, inference_workers(settings), os.cpu_count()
+        settings.inference_threads, inference_devices(settings), os.cpu_count()
     )

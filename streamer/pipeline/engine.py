@@ -64,6 +64,7 @@ from streamer.vision.devices import (
     check_precision,
     cuda_device_count,
     jpeg_on_device,
+    oversubscribes,
     resolve_devices,
     threads_per_worker,
 )
@@ -157,7 +158,15 @@ class Engine:
         self.metrics.shm_bytes.set(self.slots.layout.total_bytes)
         layout = self.slots.layout
         limits = DecodeLimits(s.max_payload_bytes, s.max_image_pixels, s.allowed_formats)
-        threads = threads_per_worker(s.inference_threads, len(self.devices), os.cpu_count())
+        threads = threads_per_worker(s.inference_threads, self.devices, os.cpu_count())
+        if oversubscribes(self.devices, threads, os.cpu_count()):
+            log.warning(
+                "the CPU inference workers' threads outnumber the cores workers=%d"
+                " inference_threads=%d cores=%s: forward passes will wait on each other",
+                self.devices.count("cpu"),
+                threads,
+                os.cpu_count(),
+            )
         self.decoders = WorkerPool(
             "decode",
             s.decode_workers,

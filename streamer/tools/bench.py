@@ -61,7 +61,8 @@ def add_parser(commands: Any) -> None:
         "--cpu-inference-workers",
         type=int,
         default=None,
-        help="inference worker processes on the CPU, sharing its cores (default 1)",
+        help="inference worker processes on the CPU, sharing its cores"
+        " (default: the service's, 2 on two or more cores)",
     )
     parser.add_argument("--engine-records", type=int, default=None)
     parser.add_argument("--e2e-records", type=int, default=None)

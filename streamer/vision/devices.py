@@ -35,10 +35,18 @@ def resolve_devices(requested: str, cuda_devices: int, cpu_workers: int = 1) -> 
     raise ConfigError(f"unknown device {requested!r}; expected auto, cpu or cuda")
 
 
-def threads_per_worker(threads: int | None, workers: int, cores: int | None) -> int:
-    """torch threads of each inference worker: ``threads`` when set, else the cores
-    shared out among the ``workers`` (at least one each)."""
-    return threads or max(1, (cores or 1) // workers)
+def threads_per_worker(threads: int | None, devices: list[str], cores: int | None) -> int:
+    """torch threads of each inference worker of ``devices`` (``resolve_devices``):
+    ``threads`` when set, else the cores shared out among the CPU workers (at least
+    one each). A GPU worker's threads run little besides its copies to the device,
+    so with GPUs each worker may use every core."""
+    return threads or max(1, (cores or 1) // max(1, devices.count("cpu")))
+
+
+def oversubscribes(devices: list[str], threads: int, cores: int | None) -> bool:
+    """Whether the CPU inference workers' threads alone outnumber the cores: then a
+    multi-thread forward pass waits at its barriers for threads that are not running."""
+    return devices.count("cpu") * threads > (cores or 1)
 
 
 def cuda_device_count() -> int:

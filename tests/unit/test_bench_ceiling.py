@@ -16,9 +16,16 @@ def test_two_workers_sweep_together_and_their_rates_add_up() -> None:
     assert sweep["workers"] == 2 and sweep["threads"] == 1
     for size, row in sweep["by_batch_size"].items():
         assert (row["workers"], row["threads"]) == (2, 1)
-        assert row["passes"] >= 4  # at least two passes each
-        # Each worker gives size / its mean pass; two of them about twice one mean's rate.
-        assert row["images_per_s"] == pytest.approx(2 * int(size) / row["forward_s"], rel=0.5)
+        assert row["passes"] >= 3  # two by the first to finish, one at least by the other
+        assert row["images_per_s"] > int(size) / row["forward_s"]  # two workers' worth
+        # Every pass counted ran while the other worker was still passing: one that
+        # finishes first leaves none of the other's passes uncontended.
+        windows, ran_until = row["windows"], row["ran_until"]
+        for mine, (start, end) in enumerate(windows):
+            for other, until in enumerate(ran_until):
+                if other != mine:
+                    assert end <= until
+                    assert start < windows[other][1]
     best = sweep["by_batch_size"][str(sweep["best_batch_size"])]
     assert sweep["images_per_s"] == best["images_per_s"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from streamer.bench.ceiling import best_of
 from streamer.bench.kafka_io import Output, forward_ms_by_batch_size, throughput
 from streamer.bench.targets import verdicts
 
@@ -60,3 +61,20 @@ def test_forward_times_are_counted_once_per_batch_by_size() -> None:
         1: {"batches": 1.0, "median_ms": 30.0},
         4: {"batches": 2.0, "median_ms": 100.0},
     }
+
+
+def test_the_half_peak_latency_limit_takes_the_fastest_pass_of_any_layout() -> None:
+    # Two one-thread workers give more images/s at batch 32, each at twice the
+    # time per pass of one two-thread worker: the limit must not double with them.
+    one = {"by_batch_size": {"32": {"images_per_s": 40.0, "forward_s": 0.8}}}
+    two = {"by_batch_size": {"32": {"images_per_s": 41.0, "forward_s": 1.56}}}
+    ceiling = {**best_of([one, two]), "device": "cpu"}
+    assert ceiling["by_batch_size"]["32"]["forward_s"] == 1.56  # the row with the most images/s
+    results = {
+        "ceiling": ceiling,
+        "config": {"max_batch_size": 32},
+        "latency": {"0.5": {"p99_s": 3.0}},
+    }
+    judged = verdicts(results)["p99_at_half_peak"]
+    assert judged["target"].startswith("<= 2.400 s")
+    assert not judged["met"]  # 3.0 s is over 3 x 0.8 s, though under 3 x 1.56 s

@@ -8,6 +8,7 @@ from streamer.errors import ConfigError
 from streamer.vision.devices import (
     check_precision,
     cpu_flags,
+    oversubscribes,
     resolve_devices,
     threads_per_worker,
 )
@@ -36,20 +37,37 @@ def test_the_cpu_is_returned_once_per_cpu_inference_worker_and_cuda_ignores_them
 
 
 @pytest.mark.parametrize(
-    ("threads", "workers", "cores", "expected"),
+    ("threads", "devices", "cores", "expected"),
     [
-        (None, 1, 2, 2),  # one worker: every core
-        (None, 2, 2, 1),  # the cores shared out
-        (None, 3, 8, 2),
-        (None, 4, 2, 1),  # at least one each
-        (3, 2, 2, 3),  # set: as set
-        (None, 1, None, 1),  # cores unknown
+        (None, ["cpu"], 2, 2),  # one worker: every core
+        (None, ["cpu"] * 2, 2, 1),  # the cores shared out
+        (None, ["cpu"] * 3, 8, 2),
+        (None, ["cpu"] * 4, 2, 1),  # at least one each
+        (3, ["cpu"] * 2, 2, 3),  # set: as set
+        (None, ["cpu"], None, 1),  # cores unknown
+        (None, ["cuda:0", "cuda:1"], 16, 16),  # GPU workers are not CPU workers
     ],
 )
 def test_threads_per_worker(
-    threads: int | None, workers: int, cores: int | None, expected: int
+    threads: int | None, devices: list[str], cores: int | None, expected: int
 ) -> None:
-    assert threads_per_worker(threads, workers, cores) == expected
+    assert threads_per_worker(threads, devices, cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("devices", "threads", "cores", "expected"),
+    [
+        (["cpu"] * 2, 1, 2, False),
+        (["cpu"], 2, 2, False),
+        (["cpu"] * 2, 2, 2, True),  # four threads on two cores
+        (["cpu"] * 8, 1, 2, True),
+        (["cuda:0", "cuda:1"], 16, 16, False),
+    ],
+)
+def test_threads_that_outnumber_the_cores_are_told(
+    devices: list[str], threads: int, cores: int, expected: bool
+) -> None:
+    assert oversubscribes(devices, threads, cores) is expected
 
 
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
