@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -197,6 +198,17 @@ def _sweep_beside_others(
         barrier.abort()  # the other workers stop waiting for this one
         sweep = repr(exc)
     results.put(sweep)
+
+
+def swept_rows(sweep: dict[str, Any], size: str) -> Iterator[dict[str, Any]]:
+    """Every row measured for batch ``size`` in a sweep, through the sweeps that
+    ``best_of`` merged into it (the runner merges twice: layouts, then two rounds)."""
+    merged = sweep.get("sweeps")
+    if not merged:
+        yield sweep["by_batch_size"][size]
+        return
+    for inner in merged:
+        yield from swept_rows(inner, size)
 
 
 def best_of(sweeps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamer.bench.ceiling import swept_rows
+
 
 def full_batch_forward_s(results: dict[str, Any]) -> float:
     """Seconds of one forward pass at the service's max batch size (from the ceiling sweep).
@@ -16,8 +18,7 @@ def full_batch_forward_s(results: dict[str, Any]) -> float:
     by_batch = ceiling["by_batch_size"]
     size = results["config"]["max_batch_size"]
     key = str(size) if str(size) in by_batch else max(by_batch, key=int)
-    sweeps = ceiling.get("sweeps") or [ceiling]
-    return min(float(s["by_batch_size"][key]["forward_s"]) for s in sweeps)
+    return min(float(row["forward_s"]) for row in swept_rows(ceiling, key))
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
