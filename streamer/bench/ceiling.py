@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,11 +29,20 @@ from streamer.vision.models import WeightsSpec
 log = logging.getLogger(__name__)
 
 
+MIN_PASSES = 2  # each worker's fewest timed passes per batch size
+
+
 class Alone:
     """The pace of a sweep with nobody beside it: each size is timed for ``min_s``."""
 
     def start(self, index: int) -> None:
         pass
+
+    def counted(self, index: int, passes: int) -> None:
+        pass
+
+    def may_finish(self, index: int) -> bool:
+        return True
 
     def others_done(self, index: int) -> bool:
         return False
@@ -44,18 +54,29 @@ class Alone:
 class Together(Alone):
     """The pace of sweeps in several processes, timed over the same window.
 
-    All start each batch size at a barrier; the first to have timed ``min_s`` says
-    so, and the others stop there, leaving out the pass it ended in (it ran partly
-    alone). So every counted pass ran while all the workers were running: a worker
-    that finishes early never leaves the others' last passes uncontended.
+    All start each batch size at a barrier. A worker may finish once it has timed
+    ``min_s`` and every worker has ``MIN_PASSES`` passes counted; it says so, and
+    the others stop there, leaving out the pass they are in (it ran partly alone).
+    So every counted pass ran while all the workers were passing, and none stops
+    before it has the passes its mean needs.
     """
 
-    def __init__(self, barrier: Any, finished: list[Any]) -> None:
+    def __init__(self, barrier: Any, ready: list[Any], finished: list[Any], workers: int) -> None:
         self._barrier = barrier
-        self._finished = finished  # one multiprocessing Event per batch size
+        self._ready = ready  # per batch size: workers with MIN_PASSES counted (a shared int)
+        self._finished = finished  # per batch size: an Event, set by the first to finish
+        self._workers = workers
 
     def start(self, index: int) -> None:
         self._barrier.wait()
+
+    def counted(self, index: int, passes: int) -> None:
+        if passes == MIN_PASSES:
+            with self._ready[index].get_lock():
+                self._ready[index].value += 1
+
+    def may_finish(self, index: int) -> bool:
+        return bool(self._ready[index].value >= self._workers)
 
     def others_done(self, index: int) -> bool:
         return bool(self._finished[index].is_set())
@@ -74,8 +95,9 @@ def run_ceiling(
     pace: Alone | None = None,
 ) -> dict[str, Any]:
     """Images per second and seconds per forward pass for each batch size, in this
-    process. Each row's ``window`` is when its counted passes ran (``time.monotonic``,
-    shared by the processes of one machine) and ``ran_until`` when it stopped passing."""
+    process. Each row's ``windows`` holds when its counted passes ran and
+    ``ran_until`` when it stopped passing (``time.monotonic``, one clock for the
+    processes of a machine), a list with one entry per worker."""
     pace = pace or Alone()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -94,13 +116,19 @@ def run_ceiling(
             while True:
                 forward_s = classifier.classify(pixels).forward_s
                 ended = time.monotonic()
-                if passes and pace.others_done(index):
-                    break  # this pass ran partly alone: not counted
+                if pace.others_done(index):
+                    break  # another worker finished during this pass: not counted
                 passes.append(forward_s)
                 counted_until = ended
-                if len(passes) >= 2 and ended - started >= min_s:
+                pace.counted(index, len(passes))
+                if (
+                    len(passes) >= MIN_PASSES
+                    and ended - started >= min_s
+                    and pace.may_finish(index)
+                ):
                     pace.done(index)
                     break
+            ran_until = time.monotonic()  # after done(): every pass counted elsewhere ended before
             mean_s = sum(passes) / len(passes)
             by_batch[str(size)] = {
                 "images_per_s": size / mean_s,
@@ -108,8 +136,8 @@ def run_ceiling(
                 "passes": float(len(passes)),
                 "workers": 1,
                 "threads": threads,
-                "window": [started, counted_until],
-                "ran_until": ended,
+                "windows": [[started, counted_until]],
+                "ran_until": [ran_until],
             }
             log.info("ceiling batch=%d images_per_s=%.2f", size, size / mean_s)
     finally:
@@ -142,20 +170,37 @@ def run_ceiling_workers(
         return {**alone, "workers": 1}
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(workers), context.Queue()
+    ready = [context.Value("i", 0) for _ in batch_sizes]
     finished = [context.Event() for _ in batch_sizes]
-    args = (weights, precision, threads, batch_sizes, min_s, device, barrier, finished, results)
-    processes = [context.Process(target=_sweep_beside_others, args=args) for _ in range(workers)]
+    args = (weights, precision, threads, batch_sizes, min_s, device, barrier, ready, finished)
+    processes = [
+        context.Process(target=_sweep_beside_others, args=(*args, workers, results))
+        for _ in range(workers)
+    ]
     for process in processes:
         process.start()
+    sweeps: list[dict[str, Any]] = []
     try:
-        sweeps = [results.get(timeout=600) for _ in processes]
+        while len(sweeps) < workers:
+            try:
+                sweep = results.get(timeout=1.0)
+            except queue.Empty:
+                died = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+                if died:
+                    raise RuntimeError(f"a ceiling worker died (exit code {died[0]})") from None
+                continue
+            if isinstance(sweep, str):
+                raise RuntimeError(f"a ceiling worker failed: {sweep}")
+            sweeps.append(sweep)
     finally:
-        barrier.abort()  # a worker that failed must not leave the others waiting
+        # On failure the others would wait at the barrier, or for a worker that
+        # will never count its passes: stop them.
+        barrier.abort()
         for process in processes:
-            process.join(timeout=60)
-    failed = [s for s in sweeps if isinstance(s, str)]
-    if failed:
-        raise RuntimeError(f"a ceiling worker failed: {failed[0]}")
+            process.join(timeout=60 if len(sweeps) == workers else 1)
+            if process.is_alive():
+                process.terminate()
+                process.join()
     by_batch = {
         size: {
             "images_per_s": sum(s["by_batch_size"][size]["images_per_s"] for s in sweeps),
@@ -163,8 +208,8 @@ def run_ceiling_workers(
             "passes": sum(s["by_batch_size"][size]["passes"] for s in sweeps),
             "workers": workers,
             "threads": threads,
-            "windows": [s["by_batch_size"][size]["window"] for s in sweeps],
-            "ran_until": [s["by_batch_size"][size]["ran_until"] for s in sweeps],
+            "windows": [w for s in sweeps for w in s["by_batch_size"][size]["windows"]],
+            "ran_until": [t for s in sweeps for t in s["by_batch_size"][size]["ran_until"]],
         }
         for size in sweeps[0]["by_batch_size"]
     }
@@ -186,13 +231,16 @@ def _sweep_beside_others(
     min_s: float,
     device: str,
     barrier: Any,
+    ready: list[Any],
     finished: list[Any],
+    workers: int,
     results: Any,
 ) -> None:
     """One worker of ``run_ceiling_workers``: its sweep, or its error as a string."""
     try:
+        pace = Together(barrier, ready, finished, workers)
         sweep: dict[str, Any] | str = run_ceiling(
-            weights, precision, threads, batch_sizes, min_s, device, Together(barrier, finished)
+            weights, precision, threads, batch_sizes, min_s, device, pace
         )
     except Exception as exc:
         barrier.abort()  # the other workers stop waiting for this one

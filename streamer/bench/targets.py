@@ -10,9 +10,9 @@ from streamer.bench.ceiling import swept_rows
 def full_batch_forward_s(results: dict[str, Any]) -> float:
     """Seconds of one forward pass at the service's max batch size (from the ceiling sweep).
 
-    Where the ceiling swept several layouts (``bench.ceiling.best_of``), the fastest
-    pass of any: the row with the most images/s may be several one-thread workers,
-    each slower per pass, and a slower pass would make the latency limit easier.
+    Where the ceiling swept several layouts (``bench.ceiling.best_of``), the shortest
+    mean pass of any row: the row with the most images/s may be several one-thread
+    workers, each slower per pass, and a slower pass would make the latency limit easier.
     """
     ceiling = results["ceiling"]
     by_batch = ceiling["by_batch_size"]

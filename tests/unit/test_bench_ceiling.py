@@ -11,16 +11,16 @@ from streamer.bench.ceiling import best_of, run_ceiling_workers
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_two_workers_sweep_together_and_their_rates_add_up() -> None:
+def test_two_workers_sweep_together_over_one_window() -> None:
     sweep = run_ceiling_workers(2, "random:0", "fp32", 1, (1, 2), 0.3)
     assert sweep["workers"] == 2 and sweep["threads"] == 1
-    for size, row in sweep["by_batch_size"].items():
+    for row in sweep["by_batch_size"].values():
         assert (row["workers"], row["threads"]) == (2, 1)
-        assert row["passes"] >= 3  # two by the first to finish, one at least by the other
-        assert row["images_per_s"] > int(size) / row["forward_s"]  # two workers' worth
+        assert row["passes"] >= 4  # MIN_PASSES each: none stops before the other has them
         # Every pass counted ran while the other worker was still passing: one that
         # finishes first leaves none of the other's passes uncontended.
         windows, ran_until = row["windows"], row["ran_until"]
+        assert len(windows) == len(ran_until) == 2
         for mine, (start, end) in enumerate(windows):
             for other, until in enumerate(ran_until):
                 if other != mine:
