@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 MIN_PASSES = 2  # each worker's fewest timed passes per batch size
+ANSWER_TIMEOUT_S = 600.0  # a worker stuck in a pass fails the sweep, never hangs it
 
 
 class Alone:
@@ -180,6 +181,7 @@ def run_ceiling_workers(
     for process in processes:
         process.start()
     sweeps: list[dict[str, Any]] = []
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
     try:
         while len(sweeps) < workers:
             try:
@@ -188,7 +190,12 @@ def run_ceiling_workers(
                 died = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
                 if died:
                     raise RuntimeError(f"a ceiling worker died (exit code {died[0]})") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no ceiling worker answered for {ANSWER_TIMEOUT_S:.0f} s"
+                    ) from None
                 continue
+            deadline = time.monotonic() + ANSWER_TIMEOUT_S
             if isinstance(sweep, str):
                 raise RuntimeError(f"a ceiling worker failed: {sweep}")
             sweeps.append(sweep)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from streamer.bench import ceiling
 from streamer.bench.ceiling import best_of, run_ceiling_workers
 
 pytestmark = pytest.mark.timeout(180)
@@ -33,6 +34,15 @@ def test_two_workers_sweep_together_over_one_window() -> None:
 def test_a_worker_that_fails_is_an_error_not_a_hang() -> None:
     with pytest.raises(RuntimeError, match="a ceiling worker failed"):
         run_ceiling_workers(2, "/nonexistent/weights.pt", "fp32", 1, (1,), 0.1)
+
+
+def test_workers_that_stop_answering_are_an_error_not_a_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Workers told to time each size for an hour never answer within the limit.
+    monkeypatch.setattr(ceiling, "ANSWER_TIMEOUT_S", 3.0)
+    with pytest.raises(RuntimeError, match="no ceiling worker answered"):
+        run_ceiling_workers(2, "random:0", "fp32", 1, (1,), 3600.0)
 
 
 def row(images_per_s: float, workers: int, threads: int) -> dict[str, Any]:
