@@ -158,6 +158,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_busy = Counter(
+            "streamer_inference_busy_seconds_total",
+            "Seconds the inference workers spent on answered batches, all workers together;"
+            " divided by streamer_workers_alive{kind=\"inference\"}, its rate is the"
+            " share of their time they were busy.",
+            registry=r,
+        )
         self.batch_size_limit = Gauge(
             "streamer_batch_size_limit",
             "The size limit of the batch being filled: max_batch_size, or the size the"

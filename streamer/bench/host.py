@@ -35,8 +35,8 @@ from typing import Any
 from streamer.bench import host_profile
 from streamer.bench.e2e import measure_drain
 from streamer.bench.kafka_io import make_topics, preload, read_outputs, throughput
-from streamer.bench.scale import predicted_total, scrape_metrics
-from streamer.bench.service import ChildProcess, ServiceProcess
+from streamer.bench.scale import predicted_total
+from streamer.bench.service import ChildProcess, ServiceProcess, scrape_metrics
 from streamer.bench.workload import BenchConfig, free_port, service_settings
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

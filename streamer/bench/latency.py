@@ -7,11 +7,19 @@ broker, so this is when the write is acknowledged, to within the ack's trip back
 minus the input record's CreateTime (set by our producer when it sends). Both
 are wall-clock milliseconds from this machine. Records sent in the first
 ``warmup_s`` of a phase are left out.
+
+Each phase also reports how busy the inference workers were, as the service
+measures it (``streamer_inference_busy_seconds_total`` over the phase, divided by
+its length and the workers alive): the utilisation that p99 depends on, so a
+missed latency target says why with a figure of the same run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from streamer.bench.kafka_io import (
@@ -20,7 +28,8 @@ from streamer.bench.kafka_io import (
     read_outputs,
     wait_for_count,
 )
-from streamer.bench.service import MemorySampler, ServiceProcess
+from streamer.bench.service import MemorySampler, ServiceProcess, metric_value, scrape_metrics
+from streamer.config import Settings
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -29,6 +38,38 @@ def percentile(sorted_values: list[float], q: float) -> float:
         return 0.0
     rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100 * len(sorted_values)) - 1))
     return sorted_values[rank]
+
+
+@dataclass(frozen=True)
+class BusyReading:
+    """The service's inference busy seconds and workers alive, read at ``at_s``
+    (``time.monotonic()``)."""
+
+    at_s: float
+    busy_s: float
+    workers: float
+
+
+def read_busy(metrics_text: str, at_s: float) -> BusyReading:
+    busy = metric_value(metrics_text, "streamer_inference_busy_seconds_total")
+    workers = metric_value(metrics_text, "streamer_workers_alive", kind="inference")
+    if busy is None or workers is None:
+        raise ValueError("the service's /metrics has no inference busy time or workers")
+    return BusyReading(at_s, busy, workers)
+
+
+def busy_share(first: BusyReading, last: BusyReading) -> float | None:
+    """The inference workers' busy share between two readings: busy seconds over
+    wall seconds times the workers alive at the end; None over no time or workers."""
+    seconds = last.at_s - first.at_s
+    if seconds <= 0 or last.workers <= 0:
+        return None
+    return (last.busy_s - first.busy_s) / (seconds * last.workers)
+
+
+async def _busy_now(settings: Settings) -> BusyReading:
+    text = await asyncio.to_thread(scrape_metrics, settings)
+    return read_busy(text, time.monotonic())
 
 
 async def run_latency(
@@ -44,6 +85,7 @@ async def run_latency(
     """One steady-rate phase; ``expected_before`` = predictions already on the output topic."""
     s = service.settings
     since = sampler.mark()
+    busy_before = await _busy_now(s)
     run = await produce_paced(options, s.input_topic, payloads, rate_per_s, duration_s)
     await wait_for_count(
         options,
@@ -52,6 +94,7 @@ async def run_latency(
         timeout_s=600.0,
         check=service.check_alive,
     )
+    busy_after = await _busy_now(s)
     first_counted = run.first_ms + int(warmup_s * 1000)
     outputs = [
         o
@@ -70,6 +113,8 @@ async def run_latency(
         "max_s": latencies[-1] if latencies else 0.0,
         "mean_batch_size": sum(o.batch_size for o in outputs) / max(1, len(outputs)),
         "forward_ms_by_batch_size": forward_ms_by_batch_size(outputs),
+        # From the phase's first send to its last prediction (so its tail drain too).
+        "inference_busy": busy_share(busy_before, busy_after),
         "latencies_s": latencies,
         "memory": sampler.summary(since),
         "produced_total": expected_before + run.sent,

@@ -162,7 +162,7 @@ def summary_table(results: dict[str, Any]) -> str:
                 f"latency at {float(fraction) * 100:.0f}% of peak "
                 f"({phase['achieved_per_s']:.2f} rec/s)",
                 f"p50 {phase['p50_s']:.3f} s, p95 {phase['p95_s']:.3f} s, "
-                f"p99 {phase['p99_s']:.3f} s (n={phase['counted']})",
+                f"p99 {phase['p99_s']:.3f} s (n={phase['counted']}{_busy(phase)})",
             )
         )
     target = results.get("latency_target", {})
@@ -175,7 +175,7 @@ def summary_table(results: dict[str, Any]) -> str:
                 f" {float(fraction) * 100:.0f}% of peak ({phase['achieved_per_s']:.2f} rec/s)",
                 f"p50 {phase['p50_s']:.3f} s, p95 {phase['p95_s']:.3f} s, "
                 f"p99 {phase['p99_s']:.3f} s (n={phase['counted']}, mean batch"
-                f" {phase['mean_batch_size']:.1f})",
+                f" {phase['mean_batch_size']:.1f}{_busy(phase)})",
             )
         )
     mem = results.get("service_memory", {})
@@ -237,6 +237,12 @@ def _device_check(check: dict[str, Any]) -> str:
 def _maybe(value: float | None, spec: str) -> str:
     """A figure, or "n/a" where the run was too short to measure it."""
     return "n/a" if value is None else format(value, spec)
+
+
+def _busy(phase: dict[str, Any]) -> str:
+    """ ", inference busy 0.87" for a latency phase that measured it (older results did not)."""
+    busy = phase.get("inference_busy")
+    return "" if busy is None else f", inference busy {busy:.2f}"
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> Path:

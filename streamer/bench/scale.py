@@ -33,18 +33,16 @@ import asyncio
 import logging
 import os
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
-from prometheus_client.parser import text_string_to_metric_families
 
 from streamer import capacity
 from streamer.bench.kafka_io import make_topics, preload, read_outputs, wait_for_count
-from streamer.bench.service import MemorySampler, ServiceProcess
+from streamer.bench.service import MemorySampler, ServiceProcess, metric_value, scrape_metrics
 from streamer.bench.workload import BenchConfig, free_port, service_settings
 from streamer.config import Settings
 from streamer.tools.admin import create_topics
@@ -84,13 +82,7 @@ def group_state(described: list[Any], group: str) -> tuple[str, int]:
 
 def predicted_total(metrics_text: str, topic: str) -> float:
     """``streamer_records_predicted_total{topic=...}`` from a ``/metrics`` page."""
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            if sample.name == "streamer_records_predicted_total" and (
-                sample.labels.get("topic") == topic
-            ):
-                return float(sample.value)
-    return 0.0
+    return metric_value(metrics_text, "streamer_records_predicted_total", topic=topic) or 0.0
 
 
 def steady_rate(append_s: list[float], head: int, tail: int) -> dict[str, float]:
@@ -172,12 +164,6 @@ async def _until(what: str, condition: Any, timeout_s: float, interval_s: float 
             raise TimeoutError(f"scale: {what} not reached after {timeout_s:.0f} s")
         await asyncio.sleep(interval_s)
     return time.monotonic()
-
-
-def scrape_metrics(settings: Settings) -> str:
-    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as reply:
-        return str(reply.read().decode())
 
 
 async def run_step(

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.config import Settings
 from streamer.workers.shm import NAME_PREFIX, SHM_DIR
@@ -95,6 +96,23 @@ class ServiceProcess(ChildProcess):
                 return time.monotonic() - started
             await asyncio.sleep(0.5)
         raise TimeoutError(f"service not ready after {timeout_s} s (log: {self.log_path})")
+
+
+def scrape_metrics(settings: Settings) -> str:
+    """The service's ``/metrics`` page (blocking: call it in a thread)."""
+    url = f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        return str(reply.read().decode())
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float | None:
+    """The first sample ``name`` of a ``/metrics`` page whose labels include
+    ``labels``; None when there is none."""
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return float(sample.value)
+    return None
 
 
 def _answers_200(url: str) -> bool:

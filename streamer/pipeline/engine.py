@@ -395,6 +395,7 @@ class Engine:
         n = len(entries)
         handled_s = result.handled_s or result.forward_s
         self.batch_times.observe(n, handled_s)
+        self.metrics.inference_busy.inc(handled_s)
         items: list[_Result] = [
             _BatchItem(i, s, n, result.forward_s, handled_s, dispatched_at)
             for i, s in zip(result.indices, result.scores, strict=True)

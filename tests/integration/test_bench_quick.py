@@ -69,6 +69,9 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
         phase = saved["latency"][fraction]
         assert phase["counted"] > 0
         assert 0 < phase["p50_s"] <= phase["p95_s"] <= phase["p99_s"]
+        # Records were classified in the phase: the inference workers were busy some of it
+        # (a share above 1 would mean the busy time is counted twice).
+        assert 0 < phase["inference_busy"] <= 1.0
     assert saved["service_memory"]["peak_rss_bytes"] > 0
     assert saved["service_memory"]["shm_reserved_bytes"] > 0
     assert saved["soak"]["checkpoints"][-1]["rss_bytes"] > 0
@@ -86,6 +89,7 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
         "p99_with_target_at_0.5",
     }
     assert saved["latency_target"]["0.9"]["counted"] > 0
+    assert 0 < saved["latency_target"]["0.9"]["inference_busy"] <= 1.0
     assert saved["latency_target"]["service_exit_code"] == 0
     assert saved["service_exit_code"] == 0
     names = {p.name for p in paths}

@@ -198,3 +198,31 @@ async def test_a_record_that_hangs_alone_once_then_succeeds_is_classified() -> N
 
     assert result.batch_size == 1 and pool.hangs == 1
     assert engine.metrics.record_retries.labels("inference")._value.get() == 1
+
+
+async def test_inference_busy_time_counts_answered_batches_only() -> None:
+    """``streamer_inference_busy_seconds_total`` adds each answered batch's time; a
+    batch that hung the worker is not busy time (the worker was killed and replaced)."""
+    clock = Clock()
+    engine = engine_on(clock, SimulatedPool(clock), worker_timeout_s=60.0)
+
+    def busy() -> float:
+        value = engine.metrics.registry.get_sample_value("streamer_inference_busy_seconds_total")
+        assert value is not None
+        return value
+
+    assert busy() == 0.0
+    await engine._infer(entries(8))
+    await engine._infer(entries(8))
+    assert busy() == pytest.approx(2 * 0.01)  # SimulatedPool answers forward_s = 0.01
+
+    # It hangs whole and in its half [1, HOSTILE]; [1], [2, 3] are answered, [HOSTILE] hangs.
+    results = await engine._infer(
+        [BatchEntry(1), BatchEntry(HOSTILE), BatchEntry(2), BatchEntry(3)]
+    )
+    assert isinstance(results[1], WorkerCrashed)
+    assert busy() == pytest.approx(4 * 0.01)
+
+    handled = BatchResult([[0]], [[1.0]], forward_s=0.01, handled_s=0.03)
+    engine._items(entries(1), handled, dispatched_at=0.0)
+    assert busy() == pytest.approx(4 * 0.01 + 0.03)  # the worker's whole time when measured
