@@ -161,7 +161,7 @@ class Metrics:
         self.inference_busy = Counter(
             "streamer_inference_busy_seconds_total",
             "Seconds the inference workers spent on answered batches, all workers together;"
-            " divided by streamer_workers_alive{kind=\"inference\"}, its rate is the"
+            ' divided by streamer_workers_alive{kind="inference"}, its rate is the'
             " share of their time they were busy.",
             registry=r,
         )

@@ -7,7 +7,8 @@ no permits, no metrics: the least any Kafka-to-Kafka service must do per record.
 
 It stops after ``--records`` answers and prints one JSON line with the CPU time
 this process used from its first record to its last ack (``resource.getrusage``),
-so the benchmark can set it against the service's main process.
+so the benchmark can set it against the service's main process, and the whole
+machine's busy CPU over the same window (the broker's included).
 
 Run: ``python -m streamer.bench.bare --input-topic T --output-topic O --group-id G --records N``.
 """
@@ -21,6 +22,8 @@ import resource
 import time
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from streamer.bench.service import MachineCpu
 
 
 def cpu_s() -> float:
@@ -44,6 +47,7 @@ async def serve(args: argparse.Namespace) -> dict[str, float]:
     await producer.start()
     done = 0
     cpu_at_first = wall_at_first = 0.0
+    machine_at_first = MachineCpu.now()
     try:
         while done < args.records:
             batches = await consumer.getmany(timeout_ms=1000, max_records=500)
@@ -51,6 +55,7 @@ async def serve(args: argparse.Namespace) -> dict[str, float]:
                 continue
             if not done:
                 cpu_at_first, wall_at_first = cpu_s(), time.monotonic()
+                machine_at_first = MachineCpu.now()
             sends = []
             for records in batches.values():
                 for r in records:
@@ -75,6 +80,7 @@ async def serve(args: argparse.Namespace) -> dict[str, float]:
             "records": float(done),
             "cpu_s": cpu_s() - cpu_at_first,
             "wall_s": time.monotonic() - wall_at_first,
+            "machine_cpu_s": MachineCpu.now().busy_s - machine_at_first.busy_s,
         }
     finally:
         await consumer.stop()

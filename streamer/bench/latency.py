@@ -11,7 +11,9 @@ are wall-clock milliseconds from this machine. Records sent in the first
 Each phase also reports how busy the inference workers were, as the service
 measures it (``streamer_inference_busy_seconds_total`` over the phase, divided by
 its length and the workers alive): the utilisation that p99 depends on, so a
-missed latency target says why with a figure of the same run.
+missed latency target says why with a figure of the same run. Next to it, the
+whole machine's busy cores (``/proc/stat``), the broker and this load generator
+included, since they share the service's cores here.
 """
 
 from __future__ import annotations
@@ -28,7 +30,13 @@ from streamer.bench.kafka_io import (
     read_outputs,
     wait_for_count,
 )
-from streamer.bench.service import MemorySampler, ServiceProcess, metric_value, scrape_metrics
+from streamer.bench.service import (
+    MachineCpu,
+    MemorySampler,
+    ServiceProcess,
+    metric_value,
+    scrape_metrics,
+)
 from streamer.config import Settings
 
 
@@ -85,7 +93,7 @@ async def run_latency(
     """One steady-rate phase; ``expected_before`` = predictions already on the output topic."""
     s = service.settings
     since = sampler.mark()
-    busy_before = await _busy_now(s)
+    busy_before, machine_before = await _busy_now(s), MachineCpu.now()
     run = await produce_paced(options, s.input_topic, payloads, rate_per_s, duration_s)
     await wait_for_count(
         options,
@@ -94,7 +102,7 @@ async def run_latency(
         timeout_s=600.0,
         check=service.check_alive,
     )
-    busy_after = await _busy_now(s)
+    busy_after, machine_after = await _busy_now(s), MachineCpu.now()
     first_counted = run.first_ms + int(warmup_s * 1000)
     outputs = [
         o
@@ -115,6 +123,8 @@ async def run_latency(
         "forward_ms_by_batch_size": forward_ms_by_batch_size(outputs),
         # From the phase's first send to its last prediction (so its tail drain too).
         "inference_busy": busy_share(busy_before, busy_after),
+        # Every process: the service, the broker, and this load generator.
+        "machine_busy_cores": machine_after.busy_cores_since(machine_before),
         "latencies_s": latencies,
         "memory": sampler.summary(since),
         "produced_total": expected_before + run.sent,

@@ -142,7 +142,8 @@ def summary_table(results: dict[str, Any]) -> str:
         rows.append(
             (
                 "host path: bare aiokafka loop",
-                f"{bare['images_per_s']:.0f} rec/s, {bare['cpu_ms_per_record']:.3f} ms CPU/record",
+                f"{bare['images_per_s']:.0f} rec/s, {bare['cpu_ms_per_record']:.3f} ms CPU/record"
+                + _machine(bare),
             )
         )
         ratio = host["service_vs_bare"]
@@ -150,9 +151,21 @@ def summary_table(results: dict[str, Any]) -> str:
             (
                 "host path: service, null model and decode",
                 f"{service['images_per_s']:.0f} rec/s ({_maybe(ratio, '.2f')}x bare), main"
-                f" process {_maybe(per_record, '.3f')} ms CPU/record",
+                f" process {_maybe(per_record, '.3f')} ms CPU/record" + _machine(service),
             )
         )
+        several = host.get("instances")
+        if several is not None:
+            per_record = ", ".join(_maybe(ms, ".3f") for ms in several["main_cpu_ms_per_record"])
+            rows.append(
+                (
+                    f"host path: {several['instances']} services at once, null model and decode",
+                    f"{several['images_per_s']:.0f} rec/s together"
+                    f" ({_maybe(several['together_vs_bare'], '.2f')}x bare; counted while all"
+                    f" ran, {several['overlap']:.0%} of the drains), main processes"
+                    f" {per_record} ms CPU/record" + _machine(several),
+                )
+            )
         for name, side in (("bare loop", bare), ("service", service)):
             if "profile" in side:
                 rows.append((f"host path CPU per record, {name} (py-spy)", _parts(side["profile"])))
@@ -240,9 +253,19 @@ def _maybe(value: float | None, spec: str) -> str:
 
 
 def _busy(phase: dict[str, Any]) -> str:
-    """ ", inference busy 0.87" for a latency phase that measured it (older results did not)."""
-    busy = phase.get("inference_busy")
-    return "" if busy is None else f", inference busy {busy:.2f}"
+    """The inference workers' busy share and the machine's busy cores of a phase, as
+    ``, inference busy 0.87, machine 1.9 cores busy``; what it did not measure is
+    left out (older results have neither)."""
+    busy, cores = phase.get("inference_busy"), phase.get("machine_busy_cores")
+    return (f", inference busy {busy:.2f}" if busy is not None else "") + (
+        f", machine {cores:.1f} cores busy" if cores is not None else ""
+    )
+
+
+def _machine(side: dict[str, Any]) -> str:
+    """``, machine 0.150 ms CPU/record`` where a host-stage side measured it."""
+    ms = side.get("machine_cpu_ms_per_record")
+    return "" if ms is None else f", machine {ms:.3f} ms CPU/record"
 
 
 def plot_throughput(results: dict[str, Any], path: Path) -> Path:

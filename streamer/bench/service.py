@@ -29,6 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamer.config import Settings
 from streamer.workers.shm import NAME_PREFIX, SHM_DIR
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
 
 class ChildProcess:
     """A benchmark child process with its output in a log file, stopped with SIGTERM."""
@@ -96,6 +98,34 @@ class ServiceProcess(ChildProcess):
                 return time.monotonic() - started
             await asyncio.sleep(0.5)
         raise TimeoutError(f"service not ready after {timeout_s} s (log: {self.log_path})")
+
+
+@dataclass(frozen=True)
+class MachineCpu:
+    """The whole machine's CPU seconds since boot (``/proc/stat``): busy and all,
+    summed over its ``cores``."""
+
+    busy_s: float
+    all_s: float
+    cores: int
+
+    @classmethod
+    def now(cls) -> MachineCpu:
+        lines = Path("/proc/stat").read_text().splitlines()
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        ticks = [int(x) for x in lines[0].split()[1:9]]
+        idle = ticks[3] + ticks[4]
+        cores = sum(1 for line in lines if line.startswith("cpu") and line[3].isdigit())
+        return cls((sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS, cores)
+
+    def busy_cores_since(self, first: MachineCpu) -> float | None:
+        """Cores busy on average since ``first``, every process of the machine
+        (the broker, the load generator, the workers); None over no time."""
+        elapsed = self.all_s - first.all_s
+        if elapsed <= 0:
+            return None
+        # min: seconds from ticks carry rounding, and all busy must read as all cores
+        return min(float(self.cores), (self.busy_s - first.busy_s) / elapsed * self.cores)
 
 
 def scrape_metrics(settings: Settings) -> str:

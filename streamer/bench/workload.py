@@ -48,6 +48,7 @@ class BenchConfig:
     device_jpeg_libraries: tuple[str, ...] = ("torchvision",)
     host_records: int = 3000  # the host-path stage (null model): bare loop, then the service
     profile_host: bool = False  # py-spy both host-stage drains (streamer.bench.host_profile)
+    host_instances: int = 1  # > 1: n null-model services then drain at once (bench.host)
     service_log_level: str = "WARNING"  # DEBUG shows the latency-target policy's corrections
     e2e_records: int = 600  # issue 11's cold start: 600 records from ready
     naive_records: int = 60

@@ -71,6 +71,13 @@ def add_parser(commands: Any) -> None:
         "--host-records", type=int, default=None, help="records of the host-path stage"
     )
     parser.add_argument(
+        "--host-instances",
+        type=int,
+        default=None,
+        help="the host stage also runs this many null-model services at once, each draining"
+        " host-records / N of its own (default 1: only the one)",
+    )
+    parser.add_argument(
         "--profile-host",
         action="store_true",
         help="sample the host stage's bare loop and service with py-spy and split their CPU"
@@ -119,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         "e2e_records",
         "naive_records",
         "host_records",
+        "host_instances",
         "latency_s",
         "soak_s",
         "service_log_level",

@@ -9,6 +9,7 @@ full benchmark run.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def tiny_config(bootstrap: str) -> BenchConfig:
         max_in_flight=16,
         engine_records=16,
         host_records=48,
+        host_instances=2,
         e2e_records=24,
         naive_records=4,
         latency_s=4.0,
@@ -65,6 +67,20 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
     host = saved["host"]  # 48 records: too few for the bare loop's rate (one fetch, one ms)
     assert host["bare"]["records"] == 48 and host["bare"]["cpu_ms_per_record"] > 0
     assert host["service"]["records"] == 48 and host["service"]["exit_code"] == 0
+    cores = os.cpu_count()
+    assert cores is not None
+    # The whole machine over each drain: 0 when it took under one clock tick (the bare
+    # loop's), None when the service drained every record before it was ready.
+    assert host["bare"]["machine_cpu_ms_per_record"] >= 0
+    machine = host["service"]["machine_cpu_ms_per_record"]
+    assert machine is None or machine >= 0
+    several = host["instances"]  # two services, 24 records each, at once
+    assert several["instances"] == 2 and several["exit_codes"] == [0, 0]
+    # 24 records take a few ms: the two drains may not even overlap (then no rate).
+    assert 0 <= several["overlap"] <= 1 and several["counted"] <= 48
+    # None where an instance had drained all of its 24 records before both were ready.
+    assert all(ms is None or ms >= 0 for ms in several["main_cpu_ms_per_record"])
+    assert len(several["records_after_ready"]) == 2
     for fraction in ("0.5", "0.9"):
         phase = saved["latency"][fraction]
         assert phase["counted"] > 0
@@ -72,6 +88,7 @@ async def test_quick_bench_reports_every_section(kafka_bootstrap: str, tmp_path:
         # Records were classified in the phase: the inference workers were busy some of it
         # (a share above 1 would mean the busy time is counted twice).
         assert 0 < phase["inference_busy"] <= 1.0
+        assert 0 < phase["machine_busy_cores"] <= cores
     assert saved["service_memory"]["peak_rss_bytes"] > 0
     assert saved["service_memory"]["shm_reserved_bytes"] > 0
     assert saved["soak"]["checkpoints"][-1]["rss_bytes"] > 0

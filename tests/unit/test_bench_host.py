@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from streamer.bench.host import process_cpu_s
+from streamer.bench.host import process_cpu_s, together
 from streamer.bench.targets import verdicts
 
 pytestmark = pytest.mark.timeout(30)
@@ -30,3 +30,21 @@ def test_the_host_targets_are_judged_from_the_stage() -> None:
     judged = verdicts({"host": host})
     assert judged["host_vs_bare"]["met"] is False
     assert judged["host_main_cpu_ms_per_record"]["met"] is True
+
+
+def test_several_drains_are_counted_only_while_all_of_them_run() -> None:
+    # a: 10/s from 0 to 10 s; b starts at 2 s and ends at 12 s, 20/s.
+    a = [i / 10 for i in range(101)]
+    b = [2 + i / 20 for i in range(201)]
+    both = together([b, a])
+    assert both["seconds"] == pytest.approx(8.0)  # from 2 s (b's first) to 10 s (a's last)
+    # In (2, 10]: a's 80 appends and b's 160.
+    assert both["counted"] == 80 + 160
+    assert both["images_per_s"] == pytest.approx(240 / 8.0)
+    assert both["overlap"] == pytest.approx(8.0 / 12.0)
+
+
+def test_drains_that_never_ran_together_have_no_rate() -> None:
+    apart = together([[0.0, 1.0], [2.0, 3.0]])
+    assert apart["images_per_s"] == 0.0 and apart["counted"] == 0
+    assert apart["seconds"] == 0.0 and apart["overlap"] == 0.0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 from prometheus_client import generate_latest
 
 from streamer.bench.latency import BusyReading, busy_share, read_busy
+from streamer.bench.service import MachineCpu
 from streamer.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(10)
@@ -36,3 +40,23 @@ def test_a_page_without_the_counter_is_an_error_not_a_zero() -> None:
     text = generate_latest(metrics.registry).decode()  # no inference workers yet
     with pytest.raises(ValueError, match="no inference busy time or workers"):
         read_busy(text, at_s=0.0)
+
+
+def test_machine_busy_cores_is_busy_time_over_all_time_times_the_cores() -> None:
+    first = MachineCpu(busy_s=10.0, all_s=100.0, cores=2)
+    # 20 s of machine time passed (10 s per core), 15 of them busy: 1.5 cores.
+    assert MachineCpu(25.0, 120.0, 2).busy_cores_since(first) == pytest.approx(1.5)
+    assert MachineCpu(10.0, 100.0, 2).busy_cores_since(first) is None  # no time passed
+    # Every core busy reads as every core, whatever rounding the tick counts carry.
+    assert MachineCpu(10.0 + 0.02, 100.0 + 0.02, 2).busy_cores_since(first) == 2.0
+
+
+def test_machine_cpu_reads_this_machine() -> None:
+    first = MachineCpu.now()
+    deadline = time.monotonic() + 5
+    while (last := MachineCpu.now()).all_s <= first.all_s:  # a clock tick later
+        assert time.monotonic() < deadline, "/proc/stat did not move in 5 s"
+    assert first.cores == os.cpu_count()
+    assert 0 <= first.busy_s <= first.all_s
+    cores = last.busy_cores_since(first)
+    assert cores is not None and 0 <= cores <= first.cores
