@@ -11,7 +11,10 @@ are wall-clock milliseconds from this machine. Records sent in the first
 Each phase also reports how busy the inference workers were, as the service
 measures it (``streamer_inference_busy_seconds_total`` over the phase, divided by
 its length and the workers alive): the utilisation that p99 depends on, so a
-missed latency target says why with a figure of the same run. Next to it, the
+missed latency target says why with a figure of the same run. The phase runs
+from just before its first send to when the benchmark sees its last prediction
+(polled each second), so the share reads slightly low; a batch's time counts
+from the worker's clock, including any wait for a core. Next to it, the
 whole machine's busy cores (``/proc/stat``), the broker and this load generator
 included, since they share the service's cores here.
 """
@@ -19,6 +22,7 @@ included, since they share the service's cores here.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ from streamer.bench.service import (
     scrape_metrics,
 )
 from streamer.config import Settings
+
+log = logging.getLogger(__name__)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -66,18 +72,27 @@ def read_busy(metrics_text: str, at_s: float) -> BusyReading:
     return BusyReading(at_s, busy, workers)
 
 
-def busy_share(first: BusyReading, last: BusyReading) -> float | None:
+def busy_share(first: BusyReading | None, last: BusyReading | None) -> float | None:
     """The inference workers' busy share between two readings: busy seconds over
-    wall seconds times the workers alive at the end; None over no time or workers."""
+    wall seconds times the workers alive at the end; None over no time or workers,
+    or when a reading failed."""
+    if first is None or last is None:
+        return None
     seconds = last.at_s - first.at_s
     if seconds <= 0 or last.workers <= 0:
         return None
     return (last.busy_s - first.busy_s) / (seconds * last.workers)
 
 
-async def _busy_now(settings: Settings) -> BusyReading:
-    text = await asyncio.to_thread(scrape_metrics, settings)
-    return read_busy(text, time.monotonic())
+async def _busy_now(settings: Settings) -> BusyReading | None:
+    """A reading, or None (logged) when the page cannot be read: the phase's
+    latencies are still worth having without it."""
+    try:
+        text = await asyncio.to_thread(scrape_metrics, settings)
+        return read_busy(text, time.monotonic())
+    except (OSError, ValueError) as exc:
+        log.warning("no inference busy reading from the service's /metrics: %s", exc)
+        return None
 
 
 async def run_latency(
@@ -121,7 +136,7 @@ async def run_latency(
         "max_s": latencies[-1] if latencies else 0.0,
         "mean_batch_size": sum(o.batch_size for o in outputs) / max(1, len(outputs)),
         "forward_ms_by_batch_size": forward_ms_by_batch_size(outputs),
-        # From the phase's first send to its last prediction (so its tail drain too).
+        # From just before the first send to the last prediction seen (tail drain too).
         "inference_busy": busy_share(busy_before, busy_after),
         # Every process: the service, the broker, and this load generator.
         "machine_busy_cores": machine_after.busy_cores_since(machine_before),

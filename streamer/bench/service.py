@@ -111,12 +111,17 @@ class MachineCpu:
 
     @classmethod
     def now(cls) -> MachineCpu:
-        lines = Path("/proc/stat").read_text().splitlines()
-        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        return cls.parse(Path("/proc/stat").read_text())
+
+    @classmethod
+    def parse(cls, proc_stat: str) -> MachineCpu:
+        lines = proc_stat.splitlines()
+        # user nice system idle iowait irq softirq steal (guest time is inside user).
+        # Steal is time the hypervisor gave to another guest: not this machine's work.
         ticks = [int(x) for x in lines[0].split()[1:9]]
-        idle = ticks[3] + ticks[4]
+        busy = ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]
         cores = sum(1 for line in lines if line.startswith("cpu") and line[3].isdigit())
-        return cls((sum(ticks) - idle) / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS, cores)
+        return cls(busy / CLOCK_TICKS, sum(ticks) / CLOCK_TICKS, cores)
 
     def busy_cores_since(self, first: MachineCpu) -> float | None:
         """Cores busy on average since ``first``, every process of the machine

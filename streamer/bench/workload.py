@@ -70,6 +70,15 @@ class BenchConfig:
     scale_max_in_flight: int = 32
     scale_inference_threads: int = 1  # one core's worth per instance (see docs/SCALING.md)
 
+    def __post_init__(self) -> None:
+        if self.host_instances < 1:
+            raise ValueError(f"host_instances must be at least 1, not {self.host_instances}")
+        if self.host_records < self.host_instances:
+            raise ValueError(
+                f"host_records ({self.host_records}) must be at least host_instances"
+                f" ({self.host_instances}): each service drains its share"
+            )
+
     @classmethod
     def full(cls, **overrides: Any) -> BenchConfig:
         return cls(**overrides)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,11 @@ def _main(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_level)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"streamer bench: {exc}", file=sys.stderr)
+        return 2
     directory = args.results or Path("results") / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
     results = asyncio.run(runner.run(config, directory))
     for path in report.write(results, directory):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
 
+from streamer import cli
 from streamer.bench.host import process_cpu_s, together
 from streamer.bench.targets import verdicts
+from streamer.bench.workload import BenchConfig
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,6 +35,16 @@ def test_the_host_targets_are_judged_from_the_stage() -> None:
     assert judged["host_main_cpu_ms_per_record"]["met"] is True
 
 
+def test_the_host_stage_needs_a_service_and_a_record_for_each() -> None:
+    with pytest.raises(ValueError, match="host_instances must be at least 1"):
+        BenchConfig(host_instances=0)
+    with pytest.raises(
+        ValueError, match=re.escape("host_records (3) must be at least host_instances (4)")
+    ):
+        BenchConfig(host_records=3, host_instances=4)
+    assert BenchConfig(host_records=4, host_instances=4).host_instances == 4
+
+
 def test_several_drains_are_counted_only_while_all_of_them_run() -> None:
     # a: 10/s from 0 to 10 s; b starts at 2 s and ends at 12 s, 20/s.
     a = [i / 10 for i in range(101)]
@@ -48,3 +61,10 @@ def test_drains_that_never_ran_together_have_no_rate() -> None:
     apart = together([[0.0, 1.0], [2.0, 3.0]])
     assert apart["images_per_s"] == 0.0 and apart["counted"] == 0
     assert apart["seconds"] == 0.0 and apart["overlap"] == 0.0
+
+
+def test_the_bench_command_refuses_a_host_stage_it_cannot_run(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["bench", "--stages", "host", "--host-instances", "0"]) == 2
+    assert "streamer bench: host_instances must be at least 1" in capsys.readouterr().err
