@@ -196,9 +196,9 @@ async def _run_instances(
     services = [
         ServiceProcess(s, results_dir / f"host-service-{n}x-{i}.log") for i, s in enumerate(fleet)
     ]
-    for service in services:
-        service.start()
     try:
+        for service in services:
+            service.start()
         await asyncio.gather(*(service.wait_ready() for service in services))
         # Counted from here: each may have drained for a while before all were ready.
         predicted_at_ready = [
