@@ -167,8 +167,9 @@ class Metrics:
         )
         self.batch_size_limit = Gauge(
             "streamer_batch_size_limit",
-            "The size limit of the batch being filled: max_batch_size, or the size the"
-            " latency-target policy chose.",
+            "The size limit of the batch being filled: the size the latency-target policy"
+            " chose, else the batch-time table's best size (max_batch_size when"
+            " batch_size_from_table is off).",
             registry=r,
         )
         self.latency_headroom = Gauge(
