@@ -21,7 +21,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from streamer.config import Settings
-from streamer.errors import DeliveryAbandoned
+from streamer.errors import DeliveryAbandoned, StreamerError
 from streamer.http import MetricsServer
 from streamer.kafka.delivery import AtLeastOnce, Delivery
 from streamer.kafka.intake import Intake
@@ -184,8 +184,9 @@ class Service:
             log.info(
                 "draining in_flight=%d timeout_s=%.1f", len(self._in_flight), s.drain_timeout_s
             )
+            # 0 means no wait at all: cancel at once (None would wait forever).
             _, pending = await asyncio.wait(
-                list(self._in_flight.values()), timeout=s.drain_timeout_s or None
+                list(self._in_flight.values()), timeout=s.drain_timeout_s
             )
             if pending:
                 log.warning(
@@ -248,11 +249,27 @@ class Service:
     async def _handle(
         self, number: int, record: Record, ticket: Ticket, fetched_at: float, permit_wait_s: float
     ) -> None:
+        """One record from fetch to a durable outcome; holds its permit until done.
+
+        The record's boundary: ``process`` turns whatever the record makes fail into its
+        dead letter, and an outcome the delivery fails to send for a reason other than
+        Kafka's becomes the record's ``internal-error`` dead letter here. What still
+        escapes is not about this record (``OutputRejected``: the dead-letter topic
+        refuses a dead letter of a few hundred bytes) and stops the service.
+        """
         assert self._processor is not None and self._delivery is not None
         try:
             outcome = await self._processor.process(record, fetched_at, permit_wait_s)
             sent = time.perf_counter()
-            written = await self._delivery.deliver(ticket, outcome)
+            try:
+                written = await self._delivery.deliver(ticket, outcome)
+            except (StreamerError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                if outcome.dead_letter_reason == "internal-error":
+                    raise
+                outcome = self._processor.internal_error(record, exc, "publish")
+                written = await self._delivery.deliver(ticket, outcome)
             self._processor.delivered(record, written, time.perf_counter() - sent, fetched_at)
         except (DeliveryAbandoned, asyncio.CancelledError):
             pass  # stopping, or the partition moved: uncommitted, so processed again

@@ -205,6 +205,12 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="largest image record accepted, in bytes"
     )
+    max_batch_decompressed_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="largest record batch inflated from a compressed one, in bytes; a bigger"
+        " one is dead-lettered record by record as undecodable-record (a decompression bomb)",
+    )
     # resizing alone needs 256x256
     max_image_pixels: int = Field(
         40_000_000, ge=262_144, description="largest decoded image accepted, in pixels"
@@ -233,7 +239,10 @@ class Settings(BaseSettings):
         3, ge=1, description="attempts per record before a retriable failure is dead-lettered"
     )
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="seconds in-flight records get to finish on shutdown"
+        30.0,
+        ge=0,
+        description="seconds in-flight records get to finish on shutdown or when a partition"
+        " is revoked; 0: none (what is left stays uncommitted and is processed again)",
     )
     # A partition with records pending and no commit for this long is stalled:
     # /readyz answers 503 and streamer_partitions_stalled counts it.
@@ -253,6 +262,12 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds without an answer before a worker is killed as hung"
         " (its batch is retried)",
+    )
+    worker_sandbox: bool = Field(
+        True,
+        description="confine the worker processes, which parse hostile bytes: no network, no"
+        " file outside the Python installation and /dev, and the main process unreadable by"
+        " them (Landlock and seccomp on Linux; off only to debug a worker)",
     )
     inference_standby: bool = Field(
         True,

@@ -32,6 +32,8 @@ from typing import Any
 from streamer.errors import REASON_INFO, STAGES
 from streamer.schemas import (
     DEAD_LETTER_HEADERS,
+    INPUT_HEADER_ESCAPE,
+    OWN_HEADER_PREFIX,
     PREDICTION_HEADERS,
     PREDICTION_TYPE,
     SCHEMA_VERSION,
@@ -96,6 +98,12 @@ def headers_markdown() -> str:
         "",
         "The input's value, key and headers as they came (its `ce_*` headers, if any, "
         "are the input event's), plus these. Headers: `dead-letter-headers.schema.json`.",
+        "",
+        f"Every `{OWN_HEADER_PREFIX}*` header is the service's: an input header named "
+        f"`{OWN_HEADER_PREFIX}*`, or one already escaped (`{INPUT_HEADER_ESCAPE}"
+        f"{OWN_HEADER_PREFIX}*`), is kept with `{INPUT_HEADER_ESCAPE}` put before its name "
+        "(`streamer replay` names it back). A record with neither key nor value (a "
+        "tombstone) gets an empty value: Kafka clients send no record without both.",
         "",
         *_rows(DEAD_LETTER_HEADERS),
         "",

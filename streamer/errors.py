@@ -45,12 +45,26 @@ class RecordError(StreamerError):
     def __init__(
         self, message: str, *, reason: str | None = None, stage: str | None = None
     ) -> None:
-        super().__init__(message)
+        # A message may quote what a producer sent; it goes into a log line and a header.
+        super().__init__(bounded(message))
         if reason is not None:
             self.reason = reason
         if stage is not None:
             self.stage = stage
         self.attempts = 1
+
+
+class InternalError(RecordError):
+    """Handling the record raised an error nobody expected (a bug, or a library's limit that
+    its bytes reached): the record is dead-lettered with the error's class and message, and
+    the service goes on. ``streamer_records_dead_lettered_total{reason="internal-error"}``
+    and the StreamerInternalErrors alert make it visible."""
+
+    reason = "internal-error"
+
+    @classmethod
+    def of(cls, exc: BaseException, stage: str = "intake") -> InternalError:
+        return cls(f"{type(exc).__name__}: {exc}", stage=stage)
 
 
 class PayloadTooLarge(RecordError):
@@ -155,6 +169,16 @@ class RetriesExhausted(RecordError):
         self.attempts = attempts
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}... ({len(text) - limit + 40} characters cut)"
+
+
 # The stages a dead letter's ``streamer-error-stage`` can name, in pipeline order.
 STAGES = ("intake", "decode", "inference", "publish")
 
@@ -210,6 +234,11 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
         ("inference",),
         "the inference worker raised an error on the record, alone in its batch, on every"
         " attempt (at once when it cannot be retried)",
+    ),
+    "internal-error": (
+        ("intake", "decode", "inference", "publish"),
+        "handling the record raised an error the service did not expect (a bug or a"
+        " library's limit); the message names the error class. Replay once it is fixed",
     ),
 }
 DEAD_LETTER_REASONS = tuple(REASON_INFO)

@@ -17,6 +17,12 @@ Dead letter: the input's value, key and headers as they came, plus the headers o
 ``DEAD_LETTER_HEADERS``. It is no new event: ``ce_*`` headers, when present, are the
 input's, so that ``streamer replay`` re-publishes the same event.
 
+Header names that start with ``streamer-`` are the service's own. An input header
+whose name would collide is renamed on the way in (``escape_input_header``: the prefix
+``input-`` is put before it, and before an already escaped one, so the mapping can be
+undone), so nothing the service or ``streamer replay`` reads back can come from a
+producer; replay undoes the renaming (``unescape_input_header``).
+
 ``python -m streamer.contract`` publishes the prediction's JSON Schema and the
 dead-letter header list under ``docs/contract/``; a unit test fails when they drift.
 """
@@ -31,7 +37,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from streamer.errors import DEAD_LETTER_REASONS, STAGES
+from streamer.errors import DEAD_LETTER_REASONS, MAX_MESSAGE_CHARS, STAGES
 
 HEADER_CONTENT_TYPE = "content-type"
 HEADER_ID = "ce_id"
@@ -81,7 +87,7 @@ DLQ_HEADERS = (
     DLQ_CONSUMER_GROUP,
     DLQ_ATTEMPTS,
 )
-MAX_ERROR_MESSAGE_CHARS = 1000
+MAX_ERROR_MESSAGE_CHARS = MAX_MESSAGE_CHARS
 
 Headers = list[tuple[str, bytes]]
 
@@ -288,6 +294,31 @@ def prediction_json(
     if timings_ms is not None:
         doc["timings"] = timings_ms
     return orjson.dumps(doc)
+
+
+OWN_HEADER_PREFIX = "streamer-"
+INPUT_HEADER_ESCAPE = "input-"
+
+
+def _collides(name: str) -> bool:
+    """Whether ``name`` is the service's, or one escaped to keep it apart."""
+    while name.startswith(INPUT_HEADER_ESCAPE):
+        name = name[len(INPUT_HEADER_ESCAPE) :]
+    return name.startswith(OWN_HEADER_PREFIX)
+
+
+def escape_input_header(name: str) -> str:
+    """An input header's name as the service keeps it: ``input-`` before a name that is
+    the service's (``streamer-*``) or an escaped one (``input-streamer-*``), so that no
+    input header has one of the service's names and the mapping can be undone."""
+    return INPUT_HEADER_ESCAPE + name if _collides(name) else name
+
+
+def unescape_input_header(name: str) -> str:
+    """The name as the producer wrote it (the inverse of ``escape_input_header``)."""
+    if name.startswith(INPUT_HEADER_ESCAPE) and _collides(name[len(INPUT_HEADER_ESCAPE) :]):
+        return name[len(INPUT_HEADER_ESCAPE) :]
+    return name
 
 
 def header(headers: Headers | None, name: str) -> bytes | None:

@@ -167,7 +167,7 @@ class Partitions:
 
     async def revoke(self, partitions: Iterable[TopicPartition]) -> None:
         leases = [lease for tp in partitions if (lease := self._leases.pop(tp, None))]
-        timeout_s = self._settings.drain_timeout_s or None
+        timeout_s = self._settings.drain_timeout_s  # 0: no wait (None would be no bound)
         await asyncio.gather(*(self._end(lease, timeout_s) for lease in leases))
         for lease in leases:
             self._metrics.forget_partition(lease.tp.topic, lease.tp.partition)

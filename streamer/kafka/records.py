@@ -23,6 +23,14 @@ large, one step per rejection:
 5. after that nothing is left to drop, and ``OutputRejected`` stops the service: the
    dead-letter topic cannot hold a record of a few hundred bytes.
 
+Every ``Outcome`` can be sent as it is (``Outcome.__post_init__``): it has a key or a
+value (a dead letter of a tombstone, which has neither, gets an empty value), and its
+header names are valid UTF-8. So a send can fail only for Kafka's reasons.
+
+Input headers named like the service's own (``streamer-*``) are renamed when a record
+enters (``in_own_namespace``; ``streamer.schemas.escape_input_header``), so the ladder
+above and ``streamer replay`` only ever see the headers the service wrote.
+
 A prediction is a CloudEvent in the Kafka binding's binary mode (``OutputEvent``). Its
 ``ce_id`` is new, not the input's, and deterministic (``event_id``): the output of the
 same input record in the same consumer group always has the same id, so a duplicate
@@ -75,9 +83,11 @@ from streamer.schemas import (
     HEADER_TRACEPARENT,
     JSON_CONTENT_TYPE,
     MAX_ERROR_MESSAGE_CHARS,
+    OWN_HEADER_PREFIX,
     PREDICTION_TYPE,
     SPECVERSION,
     Headers,
+    escape_input_header,
     header,
     record_id,
 )
@@ -88,7 +98,6 @@ MAX_KEY_BYTES = 4096
 MAX_ID_BYTES = 256
 MAX_TRACEPARENT_BYTES = 256
 _HEADER_LIMITS = ((HEADER_ID, MAX_ID_BYTES), (HEADER_TRACEPARENT, MAX_TRACEPARENT_BYTES))
-_OWN_HEADER_PREFIX = "streamer-"
 # Fixed for good: every output id is derived from it (``event_id``).
 EVENT_ID_NAMESPACE = uuid.UUID("8d0c7c3e-55a1-4d0e-9a43-2f6b1c9e7d21")
 DEFAULT_SOURCE = "streamer"
@@ -107,6 +116,15 @@ class Outcome:
     # only then (it is rare, and building it for every output cost the event loop).
     too_large: Callable[[], Outcome] | None = None
 
+    def __post_init__(self) -> None:
+        # What the Kafka client asserts or fails to encode, checked where the outcome is
+        # made (inside the record's boundary), not when a transaction sends it.
+        if self.key is None and self.value is None:
+            raise ValueError("an outcome needs a key or a value")
+        for name, _ in self.headers:
+            if not _is_utf8(name):
+                raise ValueError(f"header name {_writable(name)[:100]!r} is not valid UTF-8")
+
 
 def smaller(outcome: Outcome) -> Outcome:
     """The next smaller form of an outcome a topic rejected as too large (module docstring)."""
@@ -114,21 +132,40 @@ def smaller(outcome: Outcome) -> Outcome:
         if outcome.too_large is None:
             raise OutputRejected("a prediction was rejected as too large and has no dead letter")
         return outcome.too_large()
-    if outcome.value is not None:
+    if outcome.value:
         size = str(len(outcome.value)).encode()
         headers = [*outcome.headers, (DLQ_VALUE_DROPPED_BYTES, size)]
-        return replace(outcome, value=None, headers=headers)
-    own = [(k, v) for k, v in outcome.headers if k.startswith(_OWN_HEADER_PREFIX)]
+        return replace(outcome, value=_none_or_empty(outcome.key), headers=headers)
+    # Input headers never carry the service's names (``in_own_namespace``).
+    own = [(k, v) for k, v in outcome.headers if k.startswith(OWN_HEADER_PREFIX)]
     if len(own) < len(outcome.headers):
         dropped = str(len(outcome.headers) - len(own)).encode()
         return replace(outcome, headers=[*own, (DLQ_HEADERS_DROPPED, dropped)])
     if outcome.key is not None:
         size = str(len(outcome.key)).encode()
-        return replace(outcome, key=None, headers=[*own, (DLQ_KEY_DROPPED_BYTES, size)])
+        value = outcome.value if outcome.value is not None else b""
+        headers = [*own, (DLQ_KEY_DROPPED_BYTES, size)]
+        return replace(outcome, key=None, value=value, headers=headers)
     raise OutputRejected(
         f"the topic {outcome.topic!r} rejected a {sum(len(v or b'') for _, v in own)}-byte "
         "dead letter with nothing left to drop: check its max.message.bytes"
     )
+
+
+def _none_or_empty(key: bytes | None) -> bytes | None:
+    """A dropped value: None (null) when the key remains, else empty (Kafka clients send
+    no record without both)."""
+    return None if key is not None else b""
+
+
+def in_own_namespace(record: Record) -> Record:
+    """``record`` with its headers named like the service's renamed (module docstring);
+    the same object when none is (the common case costs one scan of the names)."""
+    headers = record.headers
+    if not any(name.startswith(("streamer-", "input-")) for name, _ in headers or ()):
+        return record
+    renamed = tuple((escape_input_header(name), value) for name, value in headers)
+    return replace(record, headers=renamed)
 
 
 def metadata_error(record: Record) -> RecordError | None:
@@ -256,7 +293,8 @@ def dead_letter(record: Record, error: RecordError, topic: str, group: str = "")
     """
     original = [(_writable(k), v) for k, v in record.headers or () if k != UNREADABLE]
     headers = original + dead_letter_headers(record, error, group)
-    return Outcome(topic, record.value, record.key, headers, error.reason)
+    value = record.value if record.value is not None else _none_or_empty(record.key)
+    return Outcome(topic, value, record.key, headers, error.reason)
 
 
 def too_large_dead_letter(record: Record, topic: str, group: str = "") -> Outcome:

@@ -71,7 +71,8 @@ def open_envelope(record: Record, max_payload_bytes: int) -> Envelope:
     kind = media_type(record)
     if kind != STRUCTURED_CONTENT_TYPE:
         raise InvalidCloudEvent(
-            f"content-type {kind!r} is not accepted; use binary mode or {STRUCTURED_CONTENT_TYPE}"
+            f"content-type {_shown(kind)} is not accepted; use binary mode or "
+            f"{STRUCTURED_CONTENT_TYPE}"
         )
     event = _parse(record.value or b"")
     data = _data_base64(event, max_payload_bytes)
@@ -94,18 +95,30 @@ def open_envelope(record: Record, max_payload_bytes: int) -> Envelope:
 def _parse(value: bytes) -> dict[str, Any]:
     try:
         event = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # not JSON, not UTF-8, or a number over int's digit limit
         raise InvalidCloudEvent(f"structured event is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than the parser's recursion limit
+        raise InvalidCloudEvent("structured event is nested too deeply to parse") from exc
     if not isinstance(event, dict):
         raise InvalidCloudEvent(f"structured event is a JSON {type(event).__name__}, not an object")
     if event.get("specversion") != SPECVERSION:
         raise InvalidCloudEvent(
-            f"specversion is {event.get('specversion')!r}; only {SPECVERSION!r} is accepted"
+            f"specversion is {_shown(event.get('specversion'))}; only {SPECVERSION!r} is accepted"
         )
     for name in _REQUIRED:
         if not isinstance(event.get(name), str) or not event[name]:
             raise InvalidCloudEvent(f"required attribute {name!r} is missing or not a string")
     return event
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for a message, at most ``limit`` characters: a producer chose it.
+
+    A deeply nested value is not walked: only its type is named."""
+    if not isinstance(value, str | int | float | bool | type(None)):
+        return f"a JSON {type(value).__name__}"
+    text = repr(value[: limit + 1] if isinstance(value, str) else value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _data_base64(event: dict[str, Any], limit: int) -> bytes:

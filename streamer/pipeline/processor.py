@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from dataclasses import dataclass
 
 from streamer.config import Settings
-from streamer.errors import RecordError
+from streamer.errors import InternalError, RecordError
 from streamer.kafka.records import (
     DEFAULT_SOURCE,
     Outcome,
     OutputEvent,
     Record,
     dead_letter,
+    in_own_namespace,
     metadata_error,
     prediction,
 )
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Structured events larger than this are parsed off the event loop.
 _PARSE_IN_THREAD_BYTES = 256 * 1024
+_MAX_TRACEBACK_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -78,20 +81,48 @@ class RecordProcessor:
         self._model = engine.model_info.model_dump()
 
     async def process(self, record: Record, fetched_at: float, permit_wait_s: float) -> Outcome:
-        """Classify the record; return its prediction, or its dead letter."""
+        """Classify the record; return its prediction, or its dead letter.
+
+        This is where a record enters: whatever its bytes make any step raise ends as
+        its dead letter (``internal-error`` for what nobody expected), never as an
+        exception for the service. Only cancellation (the service stopping) passes.
+        """
+        raw, record = record, in_own_namespace(record)
+        stage = "intake"
         try:
             error = metadata_error(record)
             if error is not None:
                 raise error
             envelope = await self._open(record)
+            stage = "decode"
             value = await self._classify(record, envelope, fetched_at, permit_wait_s)
+            stage = "publish"
+            c = self._config
+            event = OutputEvent.for_record(
+                record, c.group_id, c.event_source, envelope.id, envelope.traceparent
+            )
+            return prediction(record, c.output_topic, value, c.dlq_topic, c.group_id, event)
         except RecordError as error:
             return self._dead_letter(record, error)
-        c = self._config
-        event = OutputEvent.for_record(
-            record, c.group_id, c.event_source, envelope.id, envelope.traceparent
+        except Exception as exc:
+            return self.internal_error(raw, exc, stage)
+
+    def internal_error(self, record: Record, exc: BaseException, stage: str) -> Outcome:
+        """The dead letter of ``record`` (as fetched) for an error nobody expected while
+        handling it. The log line has the traceback, not the message (which may quote the
+        record): the dead letter has that, bounded."""
+        error = InternalError.of(exc, stage)
+        log.error(
+            "unexpected error handling a record topic=%s partition=%d offset=%d stage=%s"
+            " class=%s\n%s",
+            record.topic,
+            record.partition,
+            record.offset,
+            stage,
+            type(exc).__name__,
+            "".join(traceback.format_tb(exc.__traceback__))[-_MAX_TRACEBACK_CHARS:],
         )
-        return prediction(record, c.output_topic, value, c.dlq_topic, c.group_id, event)
+        return self._dead_letter(in_own_namespace(record), error)
 
     def delivered(
         self, record: Record, outcome: Outcome, produce_s: float, fetched_at: float

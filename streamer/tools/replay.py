@@ -32,7 +32,14 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from streamer import errors
 from streamer.kafka import wire
-from streamer.schemas import DLQ_HEADERS, DLQ_REASON, DLQ_SOURCE_TIMESTAMP, Headers, header
+from streamer.schemas import (
+    DLQ_REASON,
+    DLQ_SOURCE_TIMESTAMP,
+    OWN_HEADER_PREFIX,
+    Headers,
+    header,
+    unescape_input_header,
+)
 from streamer.tools.common import (
     add_connection_flags,
     client_options,
@@ -70,7 +77,17 @@ class ReplayReport:
 
 
 def replay_headers(record: ConsumerRecord[bytes, bytes]) -> Headers:
-    kept = [(k, v) for k, v in record.headers or () if k not in DLQ_HEADERS and k != REPLAYED_FROM]
+    """The input's headers as its producer wrote them, and where the replay came from.
+
+    The service's own headers are left out; input headers it renamed because they looked
+    like its own are named back (``unescape_input_header``).
+    """
+    kept = [
+        (unescape_input_header(k), v)
+        for k, v in record.headers or ()
+        if not k.startswith(OWN_HEADER_PREFIX)
+    ]
+    kept = [(k, v) for k, v in kept if k != REPLAYED_FROM]
     origin = f"{record.topic}/{record.partition}/{record.offset}".encode()
     return [*kept, (REPLAYED_FROM, origin)]
 
