@@ -4,16 +4,39 @@ A deliberately tiny HTTP/1.1 server on ``asyncio.start_server`` (GET only, one
 request per connection), so the event loop stays the only thread and no web
 framework is needed. It binds to loopback unless configured otherwise.
 
-Invariants, so that no client can hold the server (or the loop's memory) open:
+Invariants, so that no client can hold the server (or the loop's memory) open,
+and none can keep the probes from an answer:
 
 1. The whole request head (request line and headers) is read under one deadline;
    a client that trickles header lines is answered 408 and closed when it passes.
 2. The head has a byte cap and a header-line cap; beyond either the answer is 431.
 3. Every response is written under a deadline; a client that never reads is
    aborted, not waited for.
-4. At most ``max_connections`` connections are served at once; more are answered
-   503 at once. The count is taken in ``try``/``finally``, so it stays exact when
-   a handler fails.
+4. At most ``max_connections`` connections are open at once, and a newcomer is
+   never refused for want of one: at the limit it takes the slot of the oldest
+   connection that is not being sent a ``/metrics`` page, which is reset.
+5. At most ``max_scrapes`` (fewer than ``max_connections``, so that 4 always finds
+   a slot to take) ``/metrics`` pages are rendered and sent at once; another scrape
+   is answered 503 before its page is rendered. Memory stays bounded: at most
+   ``max_connections`` heads and ``max_scrapes`` pages.
+6. Both counts are kept in ``try``/``finally``, so they stay exact when a handler
+   fails, and ``stop()`` resets every open connection.
+
+Why a newcomer evicts the oldest (4), rather than being refused or a reserve kept
+for probes: a refused newcomer lets whoever holds the slots decide who is served,
+and any pod that can reach the port could hold them with silent sockets and get the
+service restarted by failing liveness probes. A shorter head deadline only shortens
+each hold: a client that reconnects holds the slots for good. A reserve for probes
+fills like the rest, since a probe is known only once its head is read. A probe, like
+any honest client, sends its head in its first packet and is answered within a few
+turns of the loop, so it is among the youngest connections; the oldest is the one
+that has had longest to send a few hundred bytes and has not. Idle and slow clients
+thus push each other out, never a newcomer; only more than ``max_connections`` new
+connections within a probe's few turns could, and such a flood takes the loop's CPU
+whatever the slots do. Only a connection being sent a page is
+spared: cutting it would throw away the render and leave a gap in Prometheus, and the
+scrape cap (5) keeps such connections too few to fill the limit. Every other answer is
+a few bytes that the socket buffer takes at once.
 """
 
 from __future__ import annotations
@@ -38,12 +61,26 @@ HEAD_TIMEOUT_S = 5.0
 # A client that stops reading must not pin the connection and the response buffer.
 WRITE_TIMEOUT_S = 5.0
 # Prometheus, kubelet probes and an operator's curl need a few connections; 64 bounds
-# the handlers (and file descriptors) that idle or slow clients can take from the loop.
+# the handlers (and file descriptors) open at once, and at the limit the oldest idle
+# one makes way (invariant 4), so idle or slow clients cannot keep anyone out.
 MAX_CONNECTIONS = 64
+# An HA pair of Prometheus servers and an operator's curl scrape at once; a page is the
+# one answer that costs CPU to render and memory until a slow reader has it.
+MAX_SCRAPES = 8
 
 
 class _HeadTooLarge(Exception):
     """The request head broke the byte or header-line cap (answered 431)."""
+
+
+class _Connection:
+    """One open connection: its transport (to reset it) and whether a page is being sent."""
+
+    __slots__ = ("scraping", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
+        self.transport = transport
+        self.scraping = False
 
 
 class MetricsServer:
@@ -59,8 +96,20 @@ class MetricsServer:
         head_timeout_s: float = HEAD_TIMEOUT_S,
         write_timeout_s: float = WRITE_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        max_scrapes: int | None = None,
     ) -> None:
-        """``not_ready`` says why the service is not ready, or None when it is."""
+        """``not_ready`` says why the service is not ready, or None when it is.
+
+        ``max_scrapes`` defaults to ``MAX_SCRAPES``, or to one below ``max_connections``
+        where that is fewer.
+        """
+        if max_scrapes is None:
+            max_scrapes = min(MAX_SCRAPES, max_connections - 1)
+        if not 0 < max_scrapes < max_connections:
+            raise ValueError(
+                f"max_scrapes ({max_scrapes}) must be at least 1 and below"
+                f" max_connections ({max_connections})"
+            )
         self._host = host
         self._port = port
         self._registry = registry
@@ -70,7 +119,10 @@ class MetricsServer:
         self._head_timeout_s = head_timeout_s
         self._write_timeout_s = write_timeout_s
         self._max_connections = max_connections
-        self._open_connections = 0
+        self._max_scrapes = max_scrapes
+        # Oldest first (a dict keeps insertion order): the eviction order of invariant 4.
+        self._connections: dict[_Connection, None] = {}
+        self._scrapes = 0
         self._server: asyncio.Server | None = None
 
     @property
@@ -82,8 +134,13 @@ class MetricsServer:
 
     @property
     def open_connections(self) -> int:
-        """Connections being served now (refused ones are not counted)."""
-        return self._open_connections
+        """Connections open now: reading their head or being answered."""
+        return len(self._connections)
+
+    @property
+    def scrapes(self) -> int:
+        """``/metrics`` pages being rendered or sent now."""
+        return self._scrapes
 
     async def start(self) -> None:
         try:
@@ -102,27 +159,36 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+            # From Python 3.12 wait_closed() waits for the open connections, and a silent
+            # client would hold the shutdown for the head deadline.
+            for connection in list(self._connections):
+                connection.transport.abort()
             await server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = _Connection(writer.transport)
+        if len(self._connections) >= self._max_connections:
+            self._evict_oldest()
+        self._connections[connection] = None
         try:
-            if self._open_connections >= self._max_connections:
-                log.debug("metrics connection refused open=%d", self._open_connections)
-                await self._respond(
-                    writer, "503 Service Unavailable", "text/plain", b"too many connections\n"
-                )
-                return
-            self._open_connections += 1
-            try:
-                await self._serve(reader, writer)
-            finally:
-                self._open_connections -= 1
+            await self._serve(reader, writer, connection)
         except ConnectionError:
             pass
         finally:
+            self._connections.pop(connection, None)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _evict_oldest(self) -> None:
+        """Reset the oldest connection not being sent a page; its handler sees EOF."""
+        # Found within max_scrapes + 1 steps: fewer than max_connections are scraping.
+        oldest = next(c for c in self._connections if not c.scraping)
+        del self._connections[oldest]
+        log.debug("metrics connection evicted open=%d", len(self._connections))
+        oldest.transport.abort()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, connection: _Connection
+    ) -> None:
         try:
             request_line = await self._read_head(reader)
         except _HeadTooLarge:
@@ -134,10 +200,29 @@ class MetricsServer:
             await self._respond(writer, "408 Request Timeout", "text/plain", b"head too slow\n")
             return
         if request_line is None:
-            return  # the client left before finishing its request
+            return  # the client left (or was evicted) before finishing its request
         method, _, rest = request_line.decode("latin-1").partition(" ")
         path = rest.split(" ", 1)[0].split("?", 1)[0]
-        await self._respond(writer, *self._route(method, path))
+        if method == "GET" and path == "/metrics":
+            await self._scrape(writer, connection)
+        else:
+            await self._respond(writer, *self._route(method, path))
+
+    async def _scrape(self, writer: asyncio.StreamWriter, connection: _Connection) -> None:
+        if self._scrapes >= self._max_scrapes:
+            log.debug("metrics scrape refused scrapes=%d", self._scrapes)
+            await self._respond(
+                writer, "503 Service Unavailable", "text/plain", b"too many scrapes\n"
+            )
+            return
+        self._scrapes += 1
+        connection.scraping = True
+        try:
+            page = generate_latest(self._registry)
+            await self._respond(writer, "200 OK", CONTENT_TYPE_LATEST, page)
+        finally:
+            connection.scraping = False
+            self._scrapes -= 1
 
     async def _read_head(self, reader: asyncio.StreamReader) -> bytes | None:
         """The request line, after the headers are read and discarded; None on early EOF."""
@@ -184,8 +269,6 @@ class MetricsServer:
     def _route(self, method: str, path: str) -> tuple[str, str, bytes]:
         if method != "GET":
             return "405 Method Not Allowed", "text/plain", b"GET only\n"
-        if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest(self._registry)
         if path == "/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == "/readyz":

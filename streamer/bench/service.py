@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from streamer.config import Settings
 from streamer.workers.shm import NAME_PREFIX, SHM_DIR
@@ -73,12 +74,26 @@ class ChildProcess:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
+    """This process's environment with its ``STREAMER_*`` variables replaced by
+    ``settings``, so that the child reads back the same settings.
+
+    A secret goes in as its value: ``str()`` of a ``SecretStr`` is its mask, and a
+    SASL benchmark would then log in with the mask. The environment, unlike the
+    command line, is not shown to other users by ``ps``.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
     for name, value in settings.model_dump(exclude_none=True).items():
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        env[f"STREAMER_{name.upper()}"] = str(value)
+        env[f"STREAMER_{name.upper()}"] = _env_value(value)
     return env
+
+
+def _env_value(value: object) -> str:
+    """One setting as its ``STREAMER_*`` variable spells it."""
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, tuple):
+        return ",".join(value)  # the one list setting takes "JPEG,PNG", not JSON
+    return str(value)
 
 
 class ServiceProcess(ChildProcess):
