@@ -79,6 +79,19 @@ fuzz: setup
 	STREAMER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/unit/test_decode.py -k never_escape \
 		-o timeout=7200 $(PYTEST_ARGS)
 
+# The fuzzer of real Kafka records (docs/RELIABILITY.md): seeded hostile records sent by
+# librdkafka and kcat with every codec, the service in exactly-once mode; every record must
+# get exactly one answer. `make test` runs one seed of 240; this runs FUZZ_KAFKA_SEEDS
+# (comma-separated, or random:N for new ones) of FUZZ_KAFKA_RECORDS each.
+FUZZ_KAFKA_SEEDS ?= 1,2,3,4,5
+FUZZ_KAFKA_RECORDS ?= 2000
+.PHONY: fuzz-kafka
+fuzz-kafka: setup system-deps
+	mkdir -p results
+	STREAMER_FUZZ_KAFKA_SEEDS=$(FUZZ_KAFKA_SEEDS) STREAMER_FUZZ_KAFKA_RECORDS=$(FUZZ_KAFKA_RECORDS) \
+		STREAMER_FUZZ_KAFKA_REPORT=$${STREAMER_FUZZ_KAFKA_REPORT:-results/fuzz-kafka.jsonl} \
+		$(BIN)/pytest tests/integration/test_fuzz_kafka.py -s $(PYTEST_ARGS)
+
 # The Helm chart (docs/KUBERNETES.md): lint and render every variant with the pinned Helm, which
 # deploy/helm/helmctl builds into ~/.cache/streamer/helm on first use (a few minutes; needs Go).
 .PHONY: helm-check
