@@ -193,8 +193,10 @@ REASON_INFO: dict[str, tuple[tuple[str, ...], str]] = {
     "corrupt": (("decode",), "the image has the right signature but cannot be decoded"),
     "too-many-pixels": (
         ("decode",),
-        "width x height above `max_image_pixels`, or decoding it would need more than"
-        " the 256 MiB decode-memory budget (e.g. a large RGBA PNG or WebP)",
+        "width x height above `max_image_pixels`, or decoding it would cost more than the"
+        " decode budget: over 256 MiB of buffers (e.g. a large RGBA PNG or WebP, or a large"
+        " progressive JPEG, whose coefficients libjpeg keeps at full size), or a JPEG of"
+        " more than 100 scans",
     ),
     "extreme-aspect-ratio": (("decode",), "one side far longer than the other"),
     "invalid-dimensions": (("decode",), "a zero or negative width or height"),

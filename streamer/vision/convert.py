@@ -6,11 +6,19 @@ reduced scale (``draft_for_resize``), refusing an image whose full-size buffers
 would not fit ``MAX_DECODE_BYTES`` (``check_budget``, header work only), and
 converting to 8-bit "L" or "RGB" strip by strip (``to_working_mode``) so that a
 16-bit or RGBA image never has three full-size copies at once.
+
+Before any pixel of a JPEG is decoded, ``jpeg_scans`` walks its markers as libjpeg
+will. Invariants: a progressive or multi-scan JPEG is budgeted for the full-size
+coefficient buffers libjpeg keeps while it loads, whatever the reduced scale; and
+no JPEG with more than ``MAX_JPEG_SCANS`` scans is decoded, since each scan is
+another pass over every block of its components.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -34,6 +42,14 @@ STRIP_BYTES = 1024 * 1024  # size of one strip of a full-size conversion
 # RGBA PNGs over ~33 MP and WebPs over ~16 MP: with one decode worker per
 # core, the pixel limit alone let a worker take 450-650 MB.
 MAX_DECODE_BYTES = 256 * 1024 * 1024
+# libjpeg walks every block of a scan's components once per scan, even when the scan
+# holds almost no data: ~40 ms a scan of ~65 bytes on a 40 MP image, so a file under
+# the 8 MiB payload limit could take an hour, and 420 KiB outlast three worker
+# timeouts. Encoders write 10 scans (libjpeg's progressive default) to a few dozen
+# (mozjpeg); Skia, Chrome's decoder, gives up at 100. 100 scans cost ~4 s at 40 MP.
+MAX_JPEG_SCANS = 100
+# ``Image.info`` key under which ``open_image`` leaves ``JpegScans.coefficient_bytes``.
+COEFFICIENT_BYTES = "coefficient_bytes"
 
 
 def resized_size(width: int, height: int) -> tuple[int, int]:
@@ -64,9 +80,12 @@ def decode_bytes(image: Image.Image) -> int:
     """Peak bytes of full-size buffers ``decode_opened`` holds for an opened image.
 
     Header work only (mode, size, format; after ``draft_for_resize``): the decoded
-    image, the decoder's own copies (WebP), the full-size image in the working mode
-    that the alpha composite, CMYK or 16-bit conversions write strip by strip, and
-    the resize (its horizontal pass keeps every source row, then the resized image).
+    image and the decoder's own copies (WebP), plus the larger of what the load and
+    what follows it add. The load adds a JPEG's coefficient buffers (the
+    ``COEFFICIENT_BYTES`` that ``open_image`` read; freed when the load ends). After
+    it come the full-size image in the working mode that the alpha composite, CMYK
+    or 16-bit conversions write strip by strip, and the resize (its horizontal pass
+    keeps every source row, then the resized image).
     """
     width, height = image.size
     pixels = width * height
@@ -76,22 +95,111 @@ def decode_bytes(image: Image.Image) -> int:
     total = pixels * _PIXEL_BYTES.get(mode, 4)
     if image.format == "WEBP":
         total += pixels * _WEBP_EXTRA_PIXEL_BYTES
-    if mode != work:
-        total += pixels * work_bytes
+    after_load = pixels * work_bytes if mode != work else 0
     resized_w, resized_h = resized_size(width, height)
-    total += (resized_w * height + resized_w * resized_h) * work_bytes
-    return total
+    after_load += (resized_w * height + resized_w * resized_h) * work_bytes
+    return total + max(int(image.info.get(COEFFICIENT_BYTES, 0)), after_load)
 
 
 def check_budget(image: Image.Image) -> None:
     needed = decode_bytes(image)
     if needed > MAX_DECODE_BYTES:
         width, height = image.size
+        coefficients = int(image.info.get(COEFFICIENT_BYTES, 0))
+        held = f" (full-size coefficients: ~{coefficients >> 20} MiB)" if coefficients else ""
         raise DecodeError(
             f"{image.format} {image.mode} {width}x{height} needs ~{needed >> 20} MiB to "
-            f"decode, over the {MAX_DECODE_BYTES >> 20} MiB budget",
+            f"decode{held}, over the {MAX_DECODE_BYTES >> 20} MiB budget",
             reason="too-many-pixels",
         )
+
+
+# A marker as libjpeg finds one outside a marker segment: 0xFF, any 0xFF fill bytes,
+# then a code that is neither stuffing (0x00) nor a restart marker (0xD0-0xD7), which
+# entropy-coded data holds and which change nothing here.
+_MARKER = re.compile(rb"\xff\xff*([^\x00\xd0-\xd7\xff])")
+_NOT_A_SEGMENT = frozenset({0x00, 0xFF, *range(0xD0, 0xD8)})
+_NO_LENGTH = frozenset({0x01, 0xD8})  # TEM and SOI: markers without a segment
+_SOS, _EOI = 0xDA, 0xD9
+_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 (not DHT, JPG, DAC)
+_PROGRESSIVE_FRAMES = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
+_BLOCK_BYTES = 64 * 2  # one 8x8 block of 16-bit coefficients
+
+
+@dataclass(frozen=True)
+class JpegScans:
+    """What libjpeg will read from a JPEG: its scans and the buffers they need."""
+
+    count: int  # SOS markers up to EOI; counting stops at MAX_JPEG_SCANS + 1
+    coefficient_bytes: int  # full-size coefficient buffers held while loading (else 0)
+
+
+def jpeg_scans(data: bytes | memoryview) -> JpegScans:
+    """Walk a JPEG's markers from SOI to EOI as libjpeg does, without decoding.
+
+    A marker segment is skipped by its length; everything else (entropy-coded data,
+    junk) is searched for the next marker, so a marker-like pair inside a segment
+    (a comment, an EXIF thumbnail) is not counted, and nothing after EOI is.
+    """
+    end = len(data)
+    pos = 2  # past SOI
+    count = scan_components = 0
+    frame: bytes | None = None
+    progressive = False
+    while count <= MAX_JPEG_SCANS:
+        if pos + 1 < end and data[pos] == 0xFF and data[pos + 1] not in _NOT_A_SEGMENT:
+            code = data[pos + 1]  # the usual case: a segment right after the last one
+            pos += 2
+        else:
+            found = _MARKER.search(data, pos)
+            if found is None:
+                break
+            code = data[found.end() - 1]
+            pos = found.end()
+        if code == _EOI:
+            break
+        if code in _NO_LENGTH:
+            continue
+        length = int.from_bytes(data[pos : pos + 2], "big")
+        if code == _SOS:
+            count += 1
+            if count == 1 and pos + 2 < end:
+                scan_components = data[pos + 2]
+        elif code in _FRAMES and frame is None:  # libjpeg refuses a second frame header
+            frame = bytes(data[pos + 2 : pos + length])
+            progressive = code in _PROGRESSIVE_FRAMES
+        pos += max(length, 2)
+    if frame is None or count == 0:
+        return JpegScans(count, 0)  # libjpeg stops at the headers: no buffers
+    return JpegScans(count, _coefficient_bytes(frame, progressive, scan_components))
+
+
+def _coefficient_bytes(frame: bytes, progressive: bool, scan_components: int) -> int:
+    """Bytes of the whole-image coefficient arrays libjpeg allocates for this frame.
+
+    A sequential JPEG whose first scan holds every component is decoded a row of
+    blocks at a time. A progressive one, or one whose first scan leaves a component
+    for a later scan, keeps every block of every component until the last scan:
+    per component, its size in blocks at its sampling factors, rounded up to whole
+    MCUs. The draft scale only shrinks the output, never these arrays.
+    """
+    if len(frame) < 6:
+        return 0
+    height, width = int.from_bytes(frame[1:3], "big"), int.from_bytes(frame[3:5], "big")
+    declared = frame[5]
+    if not progressive and scan_components >= declared:
+        return 0
+    sampling = [(byte >> 4, byte & 15) for byte in frame[7 : 6 + 3 * declared : 3]]
+    if not sampling or any(not (1 <= h <= 4 and 1 <= v <= 4) for h, v in sampling):
+        return 0  # libjpeg refuses such a frame before it allocates anything
+    max_h = max(h for h, _ in sampling)
+    max_v = max(v for _, v in sampling)
+    blocks = 0
+    for h, v in sampling:
+        wide = -(-width * h // (8 * max_h))
+        high = -(-height * v // (8 * max_v))
+        blocks += -(-wide // h) * h * (-(-high // v) * v)
+    return blocks * _BLOCK_BYTES
 
 
 def scale_to_8bit(values: np.ndarray, peak: int) -> np.ndarray:

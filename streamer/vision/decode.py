@@ -7,7 +7,8 @@ centre-crop 224. The inference worker then divides by 255 and normalises, so the
 model sees exactly what the torchvision transform would give it.
 
 Hostile input is refused before pixels are decoded: a format allow-list, a byte
-limit and a pixel limit checked on the header.
+limit and a pixel limit checked on the header, and for a JPEG a scan limit and
+the size of its coefficient buffers, read from its markers (``jpeg_scans``).
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from PIL import Image, UnidentifiedImageError
 
 from streamer.errors import DecodeError
 from streamer.vision.convert import (
+    COEFFICIENT_BYTES,
     CROP,
+    MAX_JPEG_SCANS,
     check_budget,
     draft_for_resize,
+    jpeg_scans,
     resized_size,
     to_working_mode,
 )
 
 EXIF_ORIENTATION = 0x0112
+# Pillow opens a JPEG that carries more pictures (an MPF header: stereo, gain maps) as
+# "MPO"; its first picture, the one decoded, is a JPEG from the first byte to its EOI.
+JPEG_FORMATS = ("JPEG", "MPO")
 DEVICE_JPEG_MODES = ("RGB", "L")  # JPEG colour modes the device decoder handles
 
 
@@ -83,6 +90,18 @@ def open_image(payload: bytes | memoryview, limits: DecodeLimits) -> Image.Image
             f"{limits.max_image_pixels} pixels",
             reason="extreme-aspect-ratio",
         )
+    if image.format in JPEG_FORMATS:
+        # Here, not in ``decode_opened``: a JPEG left to the inference device's decoder
+        # is only opened by a decode worker, and the scan limit holds on both paths.
+        scans = jpeg_scans(payload)
+        if scans.count > MAX_JPEG_SCANS:
+            image.close()
+            raise DecodeError(
+                f"JPEG with more than {MAX_JPEG_SCANS} scans: each is another pass over"
+                " every coefficient of the image",
+                reason="too-many-pixels",
+            )
+        image.info[COEFFICIENT_BYTES] = scans.coefficient_bytes
     return image
 
 

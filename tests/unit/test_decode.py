@@ -1,12 +1,15 @@
 """Tests for ``streamer.vision.decode``: torchvision parity, modes and hostile input.
 
-Every payload is built in memory with Pillow, numpy or by hand (the PNG headers).
+Every payload is built in memory with Pillow, numpy or by hand (the PNG headers,
+JPEGs with scans copied).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import re
 import threading
 import time
 import zlib
@@ -20,11 +23,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
+from PIL.JpegImagePlugin import JpegImageFile
 from torchvision.models import ResNet18_Weights
 from torchvision.transforms import functional as TF
 
+from streamer import corpus
+from streamer.config import Settings
 from streamer.errors import DecodeError
-from streamer.vision.convert import draft_for_resize, resized_size, scale_to_8bit
+from streamer.vision.convert import (
+    MAX_JPEG_SCANS,
+    draft_for_resize,
+    jpeg_scans,
+    resized_size,
+    scale_to_8bit,
+)
 from streamer.vision.decode import DecodeLimits, decode, decode_into
 from tests.hostile import grey_png, zeros_zlib_stream
 
@@ -537,6 +549,169 @@ def test_resized_size_limit_is_inclusive() -> None:
     assert reason_of(encode(noise(100, 138), "PNG"), limits) == "extreme-aspect-ratio"
 
 
+# --- 6b. progressive JPEGs: one pass over the image per scan -------------------------
+# libjpeg walks every block of a scan's components once per scan, however little data
+# the scan holds, so a small file of many scans costs minutes; more than
+# MAX_JPEG_SCANS are refused from the markers alone.
+
+
+def scan_units(jpeg: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """A progressive JPEG from Pillow as (headers, one unit per scan, EOI).
+
+    A unit is a scan's SOS segment and data, with the DHT segment before it if any,
+    so a copy placed right after it decodes with the same tables. Pillow's entropy
+    data stuffs every 0xFF and its tables hold no 0xFF, so markers are found by search.
+    """
+    starts = [m.start() for m in re.finditer(rb"\xff[\xc4\xda\xd9]", jpeg)]
+    first_sos = next(i for i in starts if jpeg[i + 1] == 0xDA)
+    eoi = starts[-1]
+    assert jpeg[eoi:] == b"\xff\xd9"
+    cuts = [
+        i
+        for n, i in enumerate(starts)
+        if first_sos <= i < eoi
+        and (jpeg[i + 1] == 0xC4 or (jpeg[i + 1] == 0xDA and jpeg[starts[n - 1] + 1] == 0xDA))
+    ]
+    cuts = sorted({first_sos, *cuts})
+    units = [jpeg[a:b] for a, b in zip(cuts, [*cuts[1:], eoi], strict=True)]
+    return jpeg[:first_sos], units, jpeg[eoi:]
+
+
+def with_scans(jpeg: bytes, total: int, copied: int = -1) -> bytes:
+    """``jpeg`` with copies of one scan (the last by default) until it has ``total``."""
+    head, units, eoi = scan_units(jpeg)
+    extra = total - len(units)
+    assert extra >= 0
+    index = copied % len(units)
+    units[index:index] = [units[index]] * extra
+    return head + b"".join(units) + eoi
+
+
+def progressive(image: Image.Image, **params: object) -> bytes:
+    return encode(image, "JPEG", progressive=True, **params)
+
+
+SMALL_PROGRESSIVE = progressive(noise(48, 32, seed=9), quality=90)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return corpus.photos()
+
+
+def test_progressive_photo_decodes_to_the_pixels_of_its_baseline_encoding(
+    photos: list[Image.Image],
+) -> None:
+    # Progressive coding only reorders the same coefficients, so the pixels are exact.
+    assert photos
+    for photo in photos:
+        payload = progressive(photo, quality=90)
+
+        pixels = decode(payload)
+
+        assert 1 < jpeg_scans(payload).count <= MAX_JPEG_SCANS
+        assert np.array_equal(pixels, decode(encode(photo, "JPEG", quality=90))), photo.size
+
+
+def test_pillow_writes_fewer_scans_than_the_limit_allows() -> None:
+    for mode in ("L", "RGB", "CMYK"):
+        count = jpeg_scans(progressive(Image.new(mode, (64, 64)))).count
+        assert 1 < count <= MAX_JPEG_SCANS // 5, (mode, count)
+
+
+def test_scan_limit_is_inclusive(monkeypatch: pytest.MonkeyPatch) -> None:
+    at_limit = with_scans(SMALL_PROGRESSIVE, MAX_JPEG_SCANS)
+    over = with_scans(SMALL_PROGRESSIVE, MAX_JPEG_SCANS + 1)
+
+    assert decode(at_limit).shape == OUT_SHAPE
+
+    def never(self: JpegImageFile) -> None:
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(JpegImageFile, "load", never)
+    assert reason_of(over) == "too-many-pixels"  # from its markers: nothing decoded
+
+
+def test_mpo_first_picture_is_held_to_the_scan_limit() -> None:
+    # Pillow opens a JPEG with an MPF header as "MPO"; its first picture is decoded.
+    buffer = io.BytesIO()
+    noise(48, 32, seed=1).save(
+        buffer, "MPO", save_all=True, append_images=[noise(48, 32, seed=2)], progressive=True
+    )
+    mpo = buffer.getvalue()
+    first_end = mpo.index(b"\xff\xd9\xff\xd8") + 2
+    at_limit = with_scans(mpo[:first_end], MAX_JPEG_SCANS) + mpo[first_end:]
+    over = with_scans(mpo[:first_end], MAX_JPEG_SCANS + 1) + mpo[first_end:]
+    assert Image.open(io.BytesIO(over)).format == "MPO"
+
+    assert decode(at_limit).shape == OUT_SHAPE
+    assert reason_of(over) == "too-many-pixels"
+
+
+SCAN_DECOY = (
+    b"\xff\xfe"
+    + (4 + 2 * (MAX_JPEG_SCANS + 1)).to_bytes(2, "big")
+    + (b"\xff\xd9" + b"\xff\xda" * (MAX_JPEG_SCANS + 1))
+)  # a comment holding a false EOI and more false SOS markers than the limit
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(
+    total=st.integers(1, 2 * MAX_JPEG_SCANS),
+    copied=st.integers(0, 50),
+    decoy=st.sampled_from(["none", "before-the-scans", "between-scans"]),
+    trailer=st.booleans(),
+)
+def test_scan_limit_counts_the_scans_libjpeg_reads(
+    total: int, copied: int, decoy: str, trailer: bool
+) -> None:
+    head, units, _ = scan_units(SMALL_PROGRESSIVE)
+    real = max(total, len(units))
+    payload = with_scans(SMALL_PROGRESSIVE, real, copied)
+    if decoy == "before-the-scans":
+        payload = payload.replace(head, head + SCAN_DECOY, 1)
+    elif decoy == "between-scans":
+        payload = payload.replace(units[0], units[0] + SCAN_DECOY, 1)
+    if trailer:  # data after EOI (a gain map, a video) is never read by libjpeg
+        payload += with_scans(SMALL_PROGRESSIVE, MAX_JPEG_SCANS + 1)
+
+    if real > MAX_JPEG_SCANS:
+        assert reason_of(payload) == "too-many-pixels"
+    else:
+        assert decode(payload).shape == OUT_SHAPE
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_many_scans_would_outlast_the_worker_timeouts_and_are_refused_unread() -> None:
+    # 40 MP of flat grey, the most pixels the limit allows: each copied scan is ~65 bytes.
+    base = progressive(Image.new("L", (8000, 5000), 90))
+    _, units, _ = scan_units(base)
+    started = time.perf_counter()
+    decode(base)
+    base_s = time.perf_counter() - started
+    at_limit = with_scans(base, MAX_JPEG_SCANS)
+    started = time.perf_counter()
+    decode(at_limit)
+    limit_s = time.perf_counter() - started
+    per_scan_s = (limit_s - base_s) / (MAX_JPEG_SCANS - len(units))
+    timeout_s = Settings.model_fields["worker_timeout_s"].default
+    attempts = Settings.model_fields["max_record_attempts"].default
+    hung_scans = math.ceil(attempts * timeout_s / per_scan_s)
+    payload_scans = (DecodeLimits().max_payload_bytes - len(base)) // len(units[-1])
+    print(
+        f"{per_scan_s * 1000:.1f} ms a scan; {MAX_JPEG_SCANS} scans decode in {limit_s:.1f} s;"
+        f" {hung_scans} scans ({hung_scans * len(units[-1]) // 1024} KiB) outlast"
+        f" {attempts} x {timeout_s:.0f} s; the payload limit holds {payload_scans}"
+    )
+
+    assert limit_s < timeout_s / 2  # the most scans accepted stay well inside a deadline
+    assert hung_scans < payload_scans  # a file under the byte limit hangs a worker each time
+    reason, elapsed, _ = timed_rejection(with_scans(base, hung_scans))
+    assert reason == "too-many-pixels"
+    assert elapsed < 1.0  # a loose bound for a shared CI machine; decoding takes minutes
+
+
 # --- 7. fuzzing --------------------------------------------------------------------
 
 
@@ -553,6 +728,7 @@ def seed_payloads() -> dict[str, bytes]:
     return {
         "jpeg-exif": encode(image, "JPEG", quality=90, exif=exif),
         "jpeg-cmyk": encode(image.convert("CMYK"), "JPEG"),
+        "jpeg-progressive": encode(image, "JPEG", quality=90, progressive=True),
         "png": encode(image, "PNG"),
         "png-palette": encode(image.quantize(16), "PNG", transparency=0),
         "png-16bit": encode(grey16, "PNG"),
@@ -619,3 +795,12 @@ def test_random_bytes_never_escape_as_other_errors(payload: bytes) -> None:
 @given(mutated_seeds())
 def test_mutated_images_never_escape_as_other_errors(payload: bytes) -> None:
     assert_decodes_or_refuses(payload)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_scan_walk_takes_any_bytes(tail: bytes) -> None:
+    scans = jpeg_scans(b"\xff\xd8" + tail)
+
+    assert 0 <= scans.count <= MAX_JPEG_SCANS + 1
+    assert scans.coefficient_bytes >= 0
