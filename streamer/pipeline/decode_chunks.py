@@ -11,7 +11,9 @@ in the same turn) as a few chunks: one per running decode worker, at most
 A decode worker answers a chunk with one ``(ok, value)`` per request, in order:
 ``(True, (seconds, orientation))`` or ``(False, WireError)`` for an input it
 rejected. Each request's future gets its own answer, so one bad image fails
-only itself.
+only itself. The chunk is sent with the shape of that reply (``ChunkReply``), so
+the worker's process checks it before it gets here: a reply of any other shape
+kills the worker, and the chunk fails as if the worker had died.
 
 A chunk that fails as a whole (the worker died, hung, or raised something that is
 not about an input) may have been failed by any of its records. Each of them is
@@ -21,16 +23,22 @@ failure is no attempt of anybody's. This mirrors how the engine isolates a
 record that fails an inference batch. A chunk has the deadline of one request
 (``worker_timeout_s``): a chunk of slow but valid images that misses it is killed
 as hung and re-sent the same way, each record with a deadline of its own.
+
+Invariant: every request's future is settled (a result, an error, or cancelled
+when the engine stops); nothing a chunk's reply holds can leave one waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streamer.errors import StreamerError
 from streamer.workers import codec
+from streamer.workers.codec import ProtocolError
 
 # A request: (slot, payload length, defer_jpeg). A result: (seconds, orientation).
 Request = tuple[int, int, bool]
@@ -100,16 +108,20 @@ class DecodeChunks:
         waiting = [(r, f) for r, f in chunk if not f.done()]  # a cancelled record waits no more
         if not waiting:
             return
+        requests = [request for request, _ in waiting]
         try:
-            reply = await self.pool.submit([request for request, _ in waiting])
-            answers = _answers(reply, len(waiting))
+            answers = await self.pool.submit(codec.Request(requests, ChunkReply(requests)))
+            for (_, future), answer in zip(waiting, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    _settle(future, exception=answer)
+                else:
+                    _settle(future, result=answer)
         except StreamerError as exc:
             if len(waiting) == 1:
                 _settle(waiting[0][1], exception=exc)
                 return
             # Any of them may have caused it: each alone, so only the culprit fails.
             await asyncio.gather(*(self._run([item]) for item in waiting))
-            return
         except asyncio.CancelledError:  # the engine stops: nobody waits for these any more
             for _, future in waiting:
                 future.cancel()
@@ -117,28 +129,34 @@ class DecodeChunks:
         except Exception as exc:  # a bug: the records fail loudly rather than wait forever
             for _, future in waiting:
                 _settle(future, exception=exc)
-            return
-        for (_, future), answer in zip(waiting, answers, strict=True):
-            if isinstance(answer, codec.WireError):
-                _settle(future, exception=codec.from_wire(answer, "decode"))
-            else:
-                _settle(future, result=answer)
 
 
-def _answers(reply: Any, count: int) -> list[Result | codec.WireError]:
-    """A chunk's reply checked item by item; a malformed one is the worker's fault."""
-    if not isinstance(reply, list) or len(reply) != count:
-        raise codec.ProtocolError(f"a decode worker did not answer its {count} requests")
-    answers: list[Result | codec.WireError] = []
-    for item in reply:
-        match item:
-            case (True, (float() | int() as seconds, int() as orientation)):
-                answers.append((float(seconds), orientation))
-            case (False, codec.WireError() as error):
-                answers.append(error)
-            case _:
-                raise codec.ProtocolError(f"a decode worker answered {item!r:.100}")
-    return answers
+@dataclass(frozen=True)
+class ChunkReply:
+    """The reply a chunk must get (``codec.Request``): one answer per request, in order,
+    ``(True, (seconds, orientation))`` or ``(False, WireError)``. Orientation 0: the
+    pixels are in the slot; 1-8: a JPEG left for the device, which only a request with
+    ``defer_jpeg`` may get. Checked to ``(seconds, orientation)`` or the rebuilt error."""
+
+    requests: Sequence[Request]
+
+    def check(self, value: Any) -> list[Result | StreamerError]:
+        answers: list[Result | StreamerError] = []
+        replies = codec.sized(value, len(self.requests), "decode answers")
+        for (_, _, defer_jpeg), answer in zip(self.requests, replies, strict=True):
+            if not codec.pair(answer) or type(answer[0]) is not bool:
+                raise ProtocolError(f"a decode answer of type {type(answer).__name__}")
+            ok, result = answer
+            if not ok:
+                answers.append(codec.from_wire(result, "decode"))
+                continue
+            if not codec.pair(result):
+                raise ProtocolError(f"a decode result of type {type(result).__name__}")
+            orientation = result[1]
+            if type(orientation) is not int or not 0 <= orientation <= (8 if defer_jpeg else 0):
+                raise ProtocolError(f"orientation {codec.brief(orientation)}, defer={defer_jpeg}")
+            answers.append((codec.seconds(result[0], "decode seconds"), orientation))
+        return answers
 
 
 def _settle(

@@ -23,6 +23,12 @@ once. A batch the worker crashed or hung on is re-run in halves until the culpri
 is alone; a record that hangs the worker alone runs alone after that, and a second
 hang alone is ``WorkerHung``. So whatever a worker does, ``classify`` raises only
 ``RecordError`` (with the attempts made). The benchmark drives the engine directly.
+
+A batch is sent with the shape its reply must have (``BatchReply``: a row per entry,
+``top_k`` classes known to the model, finite timings, a device of this engine,
+``cpu_decode`` only for entries sent encoded), and the worker's process checks the
+reply before the engine reads it: one that does not fit kills the worker, and the
+batch fails as in a crash (halved, retried, then ``worker-crashed``).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from streamer.pipeline.batcher import Batcher, BatchInfo
 from streamer.pipeline.deadlines import BatchDeadlines
 from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.schemas import ModelInfo
-from streamer.vision.classifier import BatchEntry, BatchResult, InferenceConfig
+from streamer.vision.classifier import BatchEntry, BatchReply, BatchResult, InferenceConfig
 from streamer.vision.decode import DecodeLimits
 from streamer.vision.devices import (
     check_jpeg_library,
@@ -68,8 +74,8 @@ from streamer.vision.devices import (
     resolve_devices,
     threads_per_worker,
 )
-from streamer.vision.models import MODEL_NAME, WeightsSpec
-from streamer.workers import decode_worker, inference_worker
+from streamer.vision.models import MODEL_NAME, WeightsSpec, imagenet_labels
+from streamer.workers import codec, decode_worker, inference_worker
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool, sweep_orphans
 
@@ -118,6 +124,7 @@ class Engine:
             settings.device, cuda_device_count(), settings.cpu_inference_workers
         )
         self.device_jpeg = jpeg_on_device(settings.jpeg_decode, self.devices)
+        self.classes = len(imagenet_labels())  # a reply's class indices are below this
         if self.device_jpeg:
             check_jpeg_library(settings.device_jpeg_library)
         for device in self.devices:
@@ -366,10 +373,14 @@ class Engine:
         of one, and its second run alone.
         """
         assert self.inference is not None
+        # The worker's process checks the reply against it before it gets here.
+        reply = BatchReply(entries, self.settings.top_k, self.classes, frozenset(self.devices))
         dispatched_at = time.perf_counter()
         try:
             with self.deadlines.request(len(entries)) as timeout_s:
-                result: BatchResult = await self.inference.submit(entries, timeout_s=timeout_s)
+                result: BatchResult = await self.inference.submit(
+                    codec.Request(entries, reply), timeout_s=timeout_s
+                )
         except RecordError as exc:  # a whole batch's failure is no one record's fault
             failure: StreamerError = InferenceFailed(
                 f"a batch failed with {type(exc).__name__}: {exc}"

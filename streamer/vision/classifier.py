@@ -5,17 +5,24 @@ memory and a non-blocking copy on CUDA, so only uint8 crosses PCIe), converts an
 normalises on the device, runs the model under ``inference_mode`` in channels_last
 layout, and returns top-k indices and scores per row. fp32 is the default;
 bf16/fp16 are opt-in. No processes here: the inference worker wraps it.
+
+``BatchReply`` is the shape the reply to an inference batch must have; the owner's
+side of the pipe checks every ``BatchResult`` against it (``codec.Request``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from streamer.vision.models import IMAGENET_MEAN, IMAGENET_STD, WeightsSpec, build_model
+from streamer.workers import codec
+from streamer.workers.codec import ProtocolError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,6 +66,57 @@ class BatchResult:
     # The worker's whole time on the batch (gathering rows, device decode, forward
     # pass): what the batch costs the device, for choosing batch sizes. 0: not measured.
     handled_s: float = 0.0
+
+
+_RESULT_FIELDS = frozenset(f.name for f in dataclasses.fields(BatchResult))
+
+
+@dataclass(frozen=True)
+class BatchReply:
+    """The reply an inference batch must get (``codec.Request``), checked by the owner
+    before anything reads it: a ``BatchResult`` with, per entry, a row of ``top_k``
+    distinct class indices below ``classes`` and their scores (probabilities); finite
+    timings; a device among ``devices`` (it becomes a metric label); and ``cpu_decode``
+    naming only entries sent encoded, each once, so a worker cannot send a record back
+    to the CPU decode for ever."""
+
+    entries: Sequence[BatchEntry]
+    top_k: int
+    classes: int
+    devices: frozenset[str]
+
+    def check(self, value: Any) -> BatchResult:
+        if type(value) is not BatchResult or set(vars(value)) != _RESULT_FIELDS:
+            raise ProtocolError(f"an inference reply of type {type(value).__name__}")
+        rows = len(self.entries)
+        for row in codec.sized(value.indices, rows, "top-k indices"):
+            indices = codec.sized(row, self.top_k, "a row of top-k indices")
+            if not all(type(i) is int and 0 <= i < self.classes for i in indices):
+                raise ProtocolError(f"a class index outside 0..{self.classes - 1}")
+            if len(set(indices)) != self.top_k:
+                raise ProtocolError("a top-k row names a class twice")
+        for row in codec.sized(value.scores, rows, "top-k scores"):
+            scores = codec.sized(row, self.top_k, "a row of top-k scores")
+            if not all(type(s) is float and 0.0 <= s <= 1.0 for s in scores):  # NaN fails too
+                raise ProtocolError("a score that is no probability")
+        codec.seconds(value.forward_s, "forward_s")
+        codec.seconds(value.handled_s, "handled_s")
+        if not codec.text(value.device, codec.MAX_NAME_CHARS) or value.device not in self.devices:
+            raise ProtocolError(f"device {codec.brief(value.device)} is not one of this engine's")
+        memory, utilization = value.device_memory_bytes, value.device_utilization
+        if memory is not None and not (type(memory) is int and 0 <= memory < 2**63):
+            raise ProtocolError(f"device_memory_bytes {codec.brief(memory)}")
+        if utilization is not None and not (type(utilization) is float and 0 <= utilization <= 1):
+            raise ProtocolError(f"device_utilization {codec.brief(utilization)}")
+        positions = value.cpu_decode
+        if type(positions) is not tuple:
+            raise ProtocolError(f"cpu_decode of type {type(positions).__name__}")
+        for p in positions:
+            if not (type(p) is int and 0 <= p < rows and self.entries[p].encoded_bytes > 0):
+                raise ProtocolError(f"cpu_decode names {codec.brief(p)}, no entry sent encoded")
+        if len(set(positions)) != len(positions):
+            raise ProtocolError("cpu_decode names an entry twice")
+        return value
 
 
 class Classifier:

@@ -5,8 +5,15 @@ Requests and replies travel over two one-way pipes in ``workers.codec``'s frames
 process, ``workers.child`` is its side. The main process never blocks: replies
 are read by an asyncio ``StreamReader`` on the pipe's file descriptor, and
 requests are written through an asyncio write transport that buffers instead of
-blocking. An error reply is rebuilt by ``codec.from_wire``, so the caller only
-ever sees a ``StreamerError``.
+blocking.
+
+The worker is untrusted (it parses hostile bytes): ``codec`` checks each reply
+before its caller sees it, the id included (a worker serves one request at a time,
+so a reply answers the oldest pending one), and a result against the shape its
+request declared (``codec.Request``); an error is rebuilt by ``codec.from_wire``, so
+a caller only ever sees a ``StreamerError``. A reply that fails the check, or makes
+the reader raise at all, kills the worker, and its requests (the one answered too)
+fail as after any death: the reader never ends with its process left running.
 
 If the process dies, every request it held fails with ``WorkerCrashed`` and the
 ``on_exit`` callback tells the owner, which decides what to do (respawn, retry).
@@ -87,7 +94,8 @@ class WorkerProcess:
         self._args = args
         self._on_exit = on_exit
         self._process: mp.process.BaseProcess | None = None
-        self._pending: dict[int, asyncio.Future[Any]] = {}
+        # request id -> (its caller's future, the shape its reply must have), in send order
+        self._pending: dict[int, tuple[asyncio.Future[Any], codec.ReplyShape]] = {}
         self._ids = itertools.count()
         self._reader_task: asyncio.Task[None] | None = None
         self._writer: asyncio.WriteTransport | None = None
@@ -166,7 +174,8 @@ class WorkerProcess:
         self._read_transport = self._writer = None
 
     def call(self, body: Any, timeout_s: float | None = None) -> asyncio.Future[Any]:
-        """Send one request; the future gets the reply value or its error.
+        """Send one request (a ``codec.Request``: its body, the reply's shape declared);
+        the future gets the checked reply value or its error.
 
         The worker is killed as hung if no reply came ``timeout_s`` after the send
         (default: the worker's ``hang_timeout_s``; None for both: no deadline).
@@ -176,8 +185,12 @@ class WorkerProcess:
         if self.state is not WorkerState.RUNNING or self._writer is None or self.hung:
             future.set_exception(WorkerCrashed(self.kind, self.exitcode))
             return future
+        if isinstance(body, codec.Request):
+            body, reply = body.body, body.reply
+        else:
+            reply = codec.PingReply() if body is codec.PING else codec.AnyReply()
         request_id = next(self._ids)
-        self._pending[request_id] = future
+        self._pending[request_id] = (future, reply)
         self._watchdog.sent(request_id, timeout_s, loop.time(), ping=body is codec.PING)
         self._send((request_id, body))
         return future
@@ -208,30 +221,47 @@ class WorkerProcess:
     async def _read_replies(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                request_id, ok, value = await codec.read_reply(reader)
-                if self._watchdog.answered(request_id, asyncio.get_running_loop().time()):
-                    self.served = True
-                if request_id == codec.READY:
-                    if self._ready and not self._ready.done():
-                        self._ready.set_result(value)
-                    continue
-                future = self._pending.pop(request_id, None)
-                if future is None or future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                elif isinstance(value, codec.WireError):
-                    future.set_exception(codec.from_wire(value, self.kind))
-                else:
-                    raise codec.ProtocolError(f"error reply of type {type(value).__name__}")
+                self._take(*await codec.read_reply(reader))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the pipe closed: the process exited
-        except codec.ProtocolError as exc:
-            log.error("worker broke the protocol, killing worker=%s error=%s", self.name, exc)
-            if self._process is not None:
-                self._process.kill()
+        except Exception as exc:  # a ProtocolError, or anything else a reply made us raise
+            unexpected = not isinstance(exc, codec.ProtocolError)  # then its traceback helps
+            log.error(
+                "worker broke the protocol, killing worker=%s error=%s",
+                self.name,
+                exc,
+                exc_info=unexpected,
+            )
+            if self._process is not None and self._process.exitcode is None:
+                self._process.kill()  # ``_reap`` waits for it and fails its requests
         finally:
             await self._reap()
+
+    def _take(self, request_id: int | str, ok: bool, value: Any) -> None:
+        """Hand one reply to its caller; ``ProtocolError`` if it answers no request in
+        service or has the wrong shape (its request then fails in ``_reap``)."""
+        now = asyncio.get_running_loop().time()
+        if request_id == codec.READY:
+            if not ok or self._ready is None or self._ready.done():
+                raise codec.ProtocolError("a ready message that is not the first reply")
+            self._watchdog.answered(request_id, now)
+            self._ready.set_result(value)
+            return
+        in_service = next(iter(self._pending), None)
+        if in_service is None or request_id != in_service:
+            what = codec.brief(request_id)
+            raise codec.ProtocolError(f"a reply to request {what}; in service: {in_service}")
+        future, reply = self._pending[in_service]
+        result_ok, result = codec.outcome(ok, value, reply, self.kind)
+        del self._pending[in_service]
+        if self._watchdog.answered(in_service, now):
+            self.served = True
+        if future.done():  # its caller gave up on it
+            return
+        if result_ok:
+            future.set_result(result)
+        else:
+            future.set_exception(result)
 
     async def _reap(self) -> None:
         process = self._process
@@ -246,7 +276,7 @@ class WorkerProcess:
         self.state = WorkerState.STOPPED
         self.exited_at = time.monotonic()
         exitcode = self.exitcode
-        for request_id, future in self._pending.items():
+        for request_id, (future, _) in self._pending.items():
             if not future.done():
                 hung = request_id in self._watchdog.expired
                 future.set_exception(WorkerCrashed(self.kind, exitcode, hung=hung))

@@ -1,4 +1,5 @@
-"""Worker supervision with real spawned processes (no Kafka)."""
+"""Worker supervision with real spawned processes (no Kafka): deaths, hangs, and workers
+whose replies break the protocol."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import io
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +18,11 @@ from streamer.errors import DecodeError, WorkerCrashed
 from streamer.metrics import Metrics
 from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.vision.decode import DecodeLimits
-from streamer.workers import decode_worker
+from streamer.workers import codec, decode_worker
 from streamer.workers.pool import WorkerPool
 from streamer.workers.process import WorkerState
 from streamer.workers.shm import SlotPool
+from tests.unit import codec_workers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -182,3 +186,67 @@ async def test_with_device_jpeg_decoding_a_jpeg_is_only_checked_and_left_encoded
     n = slots.write_payload(slot, buffer.getvalue()[:40])
     with pytest.raises(DecodeError):  # limits and headers are still checked here
         await asyncio.wait_for(DecodeChunks(pool).submit((slot, n, True)), 30)
+
+
+async def _until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        codec_workers.request_id_unhashable,  # once made the reply reader itself raise
+        codec_workers.request_id_of_no_request,
+        codec_workers.error_not_a_wire_error,
+    ],
+)
+async def test_a_worker_that_breaks_the_protocol_is_killed_and_its_request_fails_as_in_a_crash(
+    corrupt: codec_workers.Corrupt,
+) -> None:
+    """Its request fails with ``WorkerCrashed`` (never waits for ever), the process is
+    killed (never left running beside its replacement), and a new worker serves."""
+    pool = WorkerPool(
+        "decode", 1, codec_workers.scripted_decode, lambda i: (corrupt,), Metrics(), 60
+    )
+    await pool.start()
+    try:
+        victim = pool.workers[0]
+        with pytest.raises(WorkerCrashed):
+            await asyncio.wait_for(pool.submit([(codec_workers.POISON, 1, False)]), 30)
+        await _until(lambda: victim.exitcode is not None, 10, "the broken worker still runs")
+        assert victim.state is WorkerState.STOPPED
+        answer = await asyncio.wait_for(pool.submit([(1, 1, False)]), 30)
+        assert answer == [(True, (0.001, 0))] and pool.workers[0] is not victim
+    finally:
+        await pool.stop()
+
+
+async def test_whatever_makes_the_reply_reader_raise_kills_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not only a ``ProtocolError``: the reader never ends with its process running."""
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug in the owner's reading")
+
+    pool = WorkerPool(
+        "decode",
+        1,
+        codec_workers.scripted_decode,
+        lambda i: (codec_workers.untouched,),
+        Metrics(),
+        60,
+    )
+    await pool.start()
+    try:
+        victim = pool.workers[0]
+        monkeypatch.setattr(codec, "outcome", broken)
+        with pytest.raises(WorkerCrashed):
+            await asyncio.wait_for(pool.submit([(1, 1, False)]), 30)
+        await _until(lambda: victim.exitcode is not None, 10, "the worker still runs")
+    finally:
+        await pool.stop()

@@ -10,7 +10,6 @@ import pytest
 from streamer.errors import DecodeError, WorkerCrashed
 from streamer.pipeline.decode_chunks import DecodeChunks
 from streamer.workers import codec
-from streamer.workers.codec import ProtocolError
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -19,26 +18,33 @@ KILLER = 166  # a slot whose image kills the worker
 
 
 class Pool:
-    """Stands in for the decode pool: answers like a decode worker, logging each chunk."""
+    """Stands in for the decode pool and its workers' processes: answers like a decode
+    worker (or with ``reply``), logging each chunk, and checks the answer against the
+    chunk's declared shape as the process does, killing the worker when it does not fit."""
 
     def __init__(self, workers: int = 1, reply: Any = None) -> None:
         self.running = [object()] * workers
         self.chunks: list[list[tuple[int, int, bool]]] = []
         self.reply = reply
 
-    async def submit(self, body: Any, timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        body = request.body
         self.chunks.append(body)
         await asyncio.sleep(0)
         if any(slot == KILLER for slot, _, _ in body):
             raise WorkerCrashed("decode", -9)
-        if self.reply is not None:
-            return self.reply
-        return [
-            (False, codec.to_wire(DecodeError("not an image", reason="unsupported-format")))
-            if slot == BAD
-            else (True, (0.001 * slot, 0))
-            for slot, _, _ in body
-        ]
+        reply = self.reply
+        if reply is None:
+            reply = [
+                (False, codec.to_wire(DecodeError("not an image", reason="unsupported-format")))
+                if slot == BAD
+                else (True, (0.001 * slot, 0))
+                for slot, _, _ in body
+            ]
+        try:
+            return request.reply.check(reply)
+        except codec.ProtocolError:
+            raise WorkerCrashed("decode", -9) from None
 
 
 async def decode_all(chunks: DecodeChunks, slots: list[int]) -> list[Any]:
@@ -105,14 +111,27 @@ async def test_a_chunk_that_kills_the_worker_is_sent_again_one_by_one() -> None:
         [(True, (0.1, 0))] * 3,  # three answers for fewer requests
         [(True, (0.1, 0)), (True, "pixels")],
         [(True, (0.1, 0)), (False, "not a WireError")],
+        [(True, (0.1, 0)), (False, codec.WireError(1, "bad", True))],  # type: ignore[arg-type]
     ],
 )
 async def test_a_malformed_reply_is_the_workers_fault(reply: Any) -> None:
+    """It kills the worker (the process's check): the chunk fails as in a crash, and each
+    record is sent again alone."""
     pool = Pool(reply=reply)
     results = await decode_all(DecodeChunks(pool), [1, 2])
 
     assert len(pool.chunks) == 3  # the chunk, then each alone
-    assert all(isinstance(result, ProtocolError) for result in results)
+    assert all(isinstance(result, WorkerCrashed) for result in results)
+
+
+async def test_answers_that_do_not_fit_the_chunk_never_leave_a_record_waiting() -> None:
+    class TooFew(Pool):
+        async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+            return [(0.001, 0)]  # a bug: one answer for a chunk of three
+
+    results = await asyncio.wait_for(decode_all(DecodeChunks(TooFew()), [1, 2, 3]), 5)
+    assert results[0] == (0.001, 0)
+    assert all(isinstance(result, ValueError) for result in results[1:])
 
 
 async def test_a_record_no_longer_waiting_is_not_sent() -> None:

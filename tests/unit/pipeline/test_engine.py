@@ -14,6 +14,7 @@ from streamer.pipeline import batch_policy
 from streamer.pipeline.batch_policy import LatencyTargetPolicy
 from streamer.pipeline.engine import _CPU_DECODE, Engine, _BatchItem
 from streamer.vision.classifier import BatchEntry, BatchResult
+from streamer.workers import codec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -26,7 +27,8 @@ class CrashingPool:
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
 
-    async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        slots = request.body
         self.batches.append(list(slots))
         if POISON in slots:
             raise WorkerCrashed("inference", -9)
@@ -65,7 +67,8 @@ async def test_a_batch_without_a_crash_runs_once() -> None:
 class CudaPool:
     """Stands in for an inference worker on a GPU: its replies carry device statistics."""
 
-    async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        slots = request.body
         return BatchResult(
             [[s] for s in slots],
             [[1.0] for _ in slots],
@@ -191,7 +194,8 @@ class QueuedPool:
         self.handled_s = handled_s
         self.round_trip_s = round_trip_s
 
-    async def submit(self, slots: list[int], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        slots = request.body
         await asyncio.sleep(self.round_trip_s)  # the batch ahead's turn, then this one's
         scores = [[1.0] for _ in slots]
         forward_s = self.handled_s * 0.9  # the rest: gathering rows, device decode
@@ -247,7 +251,8 @@ class HeldPool:
         self.sent = asyncio.Event()  # set on every batch received
         self.release = asyncio.Event()
 
-    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        entries: list[BatchEntry] = request.body
         self.held += 1
         self.sent.set()
         await self.release.wait()

@@ -22,6 +22,7 @@ from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher
 from streamer.pipeline.engine import Engine
 from streamer.vision.classifier import BatchEntry, BatchResult
+from streamer.workers import codec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -45,7 +46,8 @@ class FailingPool:
         self.error = error
         self.calls = 0
 
-    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        entries: list[BatchEntry] = request.body
         self.calls += 1
         if self.error is not None:
             raise self.error
@@ -143,8 +145,8 @@ class PoisonPool:
         self.poison = poison
         self.batches: list[list[int]] = []
 
-    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
-        slots = [e.slot for e in entries]
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        slots = [e.slot for e in request.body]
         self.batches.append(slots)
         if self.poison in slots:
             raise WorkerError("inference", "KeyError: 'no such key'")

@@ -14,6 +14,7 @@ from streamer.metrics import Metrics
 from streamer.pipeline.batcher import Batcher
 from streamer.pipeline.engine import Engine
 from streamer.vision.classifier import BatchEntry, BatchResult
+from streamer.workers import codec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -45,7 +46,8 @@ class DevicePool:
     def __init__(self) -> None:
         self.batches: list[list[BatchEntry]] = []
 
-    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        entries: list[BatchEntry] = request.body
         self.batches.append(list(entries))
         cpu = tuple(i for i, e in enumerate(entries) if e.encoded_bytes and e.slot == UNDECODABLE)
         return BatchResult(

@@ -3,6 +3,7 @@ a record that hangs the inference worker, on a simulated clock with a stand-in p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from streamer.metrics import Metrics
 from streamer.pipeline.deadlines import HANG_FACTOR, MIN_DEADLINE_S, BatchDeadlines
 from streamer.pipeline.engine import Engine, _BatchItem
 from streamer.vision.classifier import BatchEntry, BatchResult
+from streamer.workers import codec
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -44,7 +46,8 @@ class SimulatedPool:
         self.hangs = 0
         self.hung_s = 0.0  # simulated time the device spent waiting on hangs
 
-    async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+    async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
+        entries: list[BatchEntry] = request.body
         self.requests.append((len(entries), timeout_s))
         if any(e.slot == HOSTILE for e in entries):
             waited = POOL_DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
@@ -183,10 +186,11 @@ async def test_a_record_that_hangs_alone_once_then_succeeds_is_classified() -> N
     """One hang (e.g. a driver hiccup) is an attempt, not a verdict."""
 
     class HangsOnce(SimulatedPool):
-        async def submit(self, entries: list[BatchEntry], timeout_s: float | None = None) -> Any:
+        async def submit(self, request: codec.Request, timeout_s: float | None = None) -> Any:
             if self.hangs:
-                entries = [BatchEntry(1) if e.slot == HOSTILE else e for e in entries]
-            return await super().submit(entries, timeout_s)
+                body = [BatchEntry(1) if e.slot == HOSTILE else e for e in request.body]
+                request = dataclasses.replace(request, body=body)
+            return await super().submit(request, timeout_s)
 
     clock = Clock()
     pool = HangsOnce(clock)
