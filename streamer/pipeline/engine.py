@@ -75,7 +75,7 @@ from streamer.vision.devices import (
     threads_per_worker,
 )
 from streamer.vision.models import MODEL_NAME, WeightsSpec, imagenet_labels
-from streamer.workers import codec, decode_worker, inference_worker
+from streamer.workers import codec, decode_worker, inference_worker, sandbox
 from streamer.workers.pool import WorkerPool
 from streamer.workers.shm import SlotPool, sweep_orphans
 
@@ -129,6 +129,7 @@ class Engine:
             check_jpeg_library(settings.device_jpeg_library)
         for device in self.devices:
             check_precision(settings.precision, device)
+        sandbox.check_settings(settings)  # no secret file where the workers may read
         self.slots = SlotPool(settings.max_in_flight, settings.max_payload_bytes)
         self.model_info: ModelInfo | None = None
         self.decoders: WorkerPool | None = None
@@ -182,6 +183,7 @@ class Engine:
             self.metrics,
             s.worker_start_timeout_s,
             hang_timeout_s=s.worker_timeout_s,
+            sandbox=s.worker_sandbox,
         )
         self.decode = DecodeChunks(self.decoders)
         self.inference = WorkerPool(
@@ -208,6 +210,7 @@ class Engine:
             s.worker_start_timeout_s,
             hang_timeout_s=s.worker_timeout_s,
             standby=s.inference_standby,
+            sandbox=s.worker_sandbox,
         )
         await asyncio.gather(self.decoders.start(), self.inference.start())
         info = self.inference.running[0].ready_info

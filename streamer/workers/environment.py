@@ -2,6 +2,11 @@
 
 Decode workers parse hostile bytes; if one is ever made to run code, it must find
 no password in its memory or in ``/proc/<pid>/environ``.
+
+Workers also get ``WORKER_DEFAULTS`` where the operator set nothing: one OpenBLAS
+thread (numpy starts a pool of them at import, and no worker runs numpy's BLAS).
+Below Landlock ABI 8 the sandbox confines only the thread that serves and those it
+starts (``workers.sandbox``), so a worker should start no other thread before then.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ CREDENTIAL_VARIABLES = frozenset(
         "STREAMER_SSL_KEYFILE",
     }
 )
+# Set for the workers unless already set.
+WORKER_DEFAULTS = {"OPENBLAS_NUM_THREADS": "1"}
 # Any other STREAMER_* variable whose name says it holds a secret, present or future.
 _CREDENTIAL_MARKERS = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL")
 
@@ -34,18 +41,23 @@ def is_credential_variable(name: str) -> bool:
 
 @contextlib.contextmanager
 def environment_without_credentials() -> Iterator[None]:
-    """``os.environ`` without the credential variables inside the block, restored after it.
+    """``os.environ`` without the credential variables and with ``WORKER_DEFAULTS``
+    inside the block, restored after it.
 
     A spawned process gets a copy of ``os.environ`` as it is when the process is
     started, and multiprocessing takes no environment argument; so the variables
-    are taken out around the (synchronous) start only. Nothing reads them after
+    are changed around the (synchronous) start only. Nothing reads them after
     the settings are built, so no other thread misses them in that window.
     """
     names = [name for name in os.environ if is_credential_variable(name)]
     removed = {name: os.environ.pop(name) for name in names}
+    added = [name for name in WORKER_DEFAULTS if name not in os.environ]
+    os.environ.update({name: WORKER_DEFAULTS[name] for name in added})
     try:
         yield
     finally:
+        for name in added:
+            os.environ.pop(name, None)
         os.environ.update(removed)
 
 

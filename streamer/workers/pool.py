@@ -5,6 +5,9 @@ segfault, OOM kill, killed by its watchdog as hung, or recycled by itself after
 repeated failures) its pending requests fail with ``WorkerCrashed`` (the caller
 retries them) and the pool starts a new one in a named background task.
 
+Every worker is confined before it serves (``workers.sandbox``) unless the pool
+is made with ``sandbox=False`` (the ``worker_sandbox`` setting).
+
 With ``standby`` each worker has a started, idle twin (same arguments, e.g. the
 same device). When a worker dies its twin takes over at once and a new twin is
 started in the background, so capacity returns in milliseconds instead of the
@@ -42,6 +45,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streamer.metrics import Metrics
+from streamer.workers.child import WorkerMain
 from streamer.workers.process import WorkerProcess, WorkerStartError, WorkerState
 from streamer.workers.supervisor import Backoff, Role
 
@@ -66,9 +70,10 @@ class WorkerPool:
         start_timeout_s: float,
         hang_timeout_s: float | None = None,
         standby: bool = False,
+        sandbox: bool = True,
     ) -> None:
         self.kind = kind
-        self._target = target
+        self._target = WorkerMain(target, sandbox)
         self._args = args
         self._metrics = metrics
         self._start_timeout_s = start_timeout_s

@@ -3,8 +3,11 @@
 Every worker runs ``child.child_main(target, log level, requests, replies, *args)``
 in a fresh interpreter ("spawn": no forked copy of the event loop, the Kafka
 clients or the credentials in memory), started inside
-``environment_without_credentials``. The owner keeps only its own ends of the
-pipes, as unbuffered files for asyncio's pipe transports; the caller owns them.
+``environment_without_credentials``. Before the first worker starts, the owner
+makes itself non-dumpable (``sandbox.protect_owner``), so that no worker (nor any
+other process of its uid without CAP_SYS_PTRACE) reads the credentials from its
+``/proc/<pid>/environ`` or memory. The owner keeps only its own ends of the pipes,
+as unbuffered files for asyncio's pipe transports; the caller owns them.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from streamer.workers import sandbox
 from streamer.workers.child import child_main
 from streamer.workers.environment import environment_without_credentials
 
@@ -26,6 +30,7 @@ def spawn(
 ) -> tuple[mp.process.BaseProcess, BinaryIO, BinaryIO]:
     """Start the worker; its process, the file its replies come from and the file
     requests go to."""
+    sandbox.protect_owner()
     req_read, req_write = _SPAWN.Pipe(duplex=False)
     rep_read, rep_write = _SPAWN.Pipe(duplex=False)
     process = _SPAWN.Process(
