@@ -248,7 +248,7 @@ class Engine:
         t(b) for sizes it has not run yet, scaled by the times it measures
         (``BatchTimes.estimated_s``). Its idle-machine times alone were too
         optimistic: a policy that believed them chose batches too small to keep up
-        (benchmark of 2026-12-03: p99 1.8 s at 90% of peak).
+        (p99 1.8 s at 90% of peak in docs/BENCHMARKS.md).
         """
         if not batch_seconds:
             return

@@ -127,7 +127,7 @@ class WorkerPool:
         end (started or failed; a failed one keeps retrying in the background and
         never fails the pool). So no model loads while the service serves its first
         records: a standby loading then took CPU from the worker serving them
-        (issue 11's cold start). One after the other, the two loads do not slow
+        (measured at a cold start). One after the other, the two loads do not slow
         each other down either.
         """
         self.failed = asyncio.get_running_loop().create_future()
