@@ -35,7 +35,7 @@ from aiokafka.errors import IllegalStateError
 from aiokafka.structs import TopicPartition
 
 from streamer.config import Settings
-from streamer.kafka import wire
+from streamer.kafka import compat, wire
 from streamer.kafka.clients import connection_options
 from streamer.kafka.partitions import PartitionLease, Partitions
 from streamer.kafka.records import Record
@@ -63,7 +63,8 @@ class Intake:
 
     async def start(self, listener: ConsumerRebalanceListener) -> None:
         s = self._settings
-        wire.install()  # no bytes in a record can make getmany() fail
+        # No bytes in a fetch response can make getmany() fail, and none inflates past the cap.
+        wire.install(max_batch_decompressed_bytes=s.max_batch_decompressed_bytes)
         self._consumer = AIOKafkaConsumer(
             group_id=s.group_id,
             # Static membership: aiokafka sends no LeaveGroup on stop() when this is set
@@ -104,35 +105,28 @@ class Intake:
     def group_problem(self) -> str | None:
         """Why the consumer is not a working member of its group now, or None.
 
-        aiokafka has no public API for this, so its coordinator's state is read here
-        and only here (tests/integration/test_broker_restart.py pins what it means).
-        The coordinator is forgotten when heartbeats fail for a session timeout, so a
-        lost broker shows within ``session_timeout_ms`` plus a heartbeat.
+        aiokafka has no public API for this, so ``compat.group_state`` reads its
+        coordinator (tests/integration/test_broker_restart.py pins what it means). The
+        coordinator is forgotten when heartbeats fail for a session timeout, so a lost
+        broker shows within ``session_timeout_ms`` plus a heartbeat.
         """
         if self._consumer is None:
             return "the consumer is not started"
         group = self._settings.group_id
-        coordinator = self._consumer._coordinator
-        if coordinator is None or coordinator.coordinator_id is None:
+        coordinator_known, generation, assigned = compat.group_state(self._consumer)
+        if not coordinator_known:
             return (
                 f"no coordinator for group {group!r}: the brokers "
                 f"({self._settings.bootstrap_servers}) are unreachable or electing one"
             )
-        subscription = self._consumer._subscription.subscription
-        if coordinator.generation < 0 or subscription is None or subscription.assignment is None:
+        if generation < 0 or not assigned:
             return f"joining group {group!r}"
         return None
 
     def position(self, tp: TopicPartition) -> int | None:
         """The next offset the consumer fetches from ``tp``, without a request (None while
-        unknown). aiokafka's public ``position`` may send one, so its state is read here."""
-        if self._consumer is None:
-            return None
-        assignment = self._consumer._subscription.subscription.assignment
-        if assignment is None or tp not in assignment.tps:
-            return None
-        state = assignment.state_value(tp)
-        return int(state.position) if state.has_valid_position else None
+        unknown). aiokafka's public ``position`` may send one."""
+        return None if self._consumer is None else compat.fetch_position(self._consumer, tp)
 
     def owns(self, tp: TopicPartition) -> bool:
         return self._consumer is not None and tp in self._consumer.assignment()
