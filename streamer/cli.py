@@ -183,7 +183,7 @@ def tuned_gc() -> Iterator[None]:
     moves what exists on entry (the imported modules) out of the collector's walks,
     and a larger young threshold makes collections rarer. Cycles are still
     collected. Measured with the host benchmark: 0.21-0.23 -> 0.18-0.20 ms of
-    main-process CPU per record (docs/BENCHMARKS.md, issue 11).
+    main-process CPU per record (docs/BENCHMARKS.md).
 
     On exit the heap is unfrozen and the thresholds restored, so that interpreter
     shutdown frees it as usual: extension modules that check for leaks at exit

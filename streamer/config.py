@@ -26,7 +26,7 @@ def default_cpu_inference_workers() -> int:
     """Two CPU inference workers, each on half the cores (one on a single core).
 
     On 2 cores two one-thread workers ran end to end 15-17% faster than one
-    two-thread worker (docs/BENCHMARKS.md, 2026-12-04): a two-thread forward pass
+    two-thread worker (docs/BENCHMARKS.md): a two-thread forward pass
     waits at every barrier for whichever thread decode or Kafka preempted, and
     one-thread passes scale better. More workers are not measured yet.
     """

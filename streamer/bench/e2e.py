@@ -37,7 +37,7 @@ async def measure_drain(
     """Wait for ``count`` predictions from the running ``child``; their throughput.
 
     Besides the drain after ``skip`` records: ``steady`` leaves the first 20% of the
-    outputs out (issue 11's steady state), and with ``ready_at`` (the wall-clock time
+    outputs out (the steady state), and with ``ready_at`` (the wall-clock time
     ``/readyz`` first answered 200) ``from_ready_images_per_s`` counts every record
     from that moment: the throughput of a cold start.
     """

@@ -11,7 +11,7 @@
   library at one more batch in flight per device than configured, then at the
   configured number again, so that drift within the run shows beside the difference.
   It shows whether the device waits for the event loop to send the next batch (H200
-  runs of 2026-12-04: the inference worker was busy 65-71% of the engine runs).
+  runs in docs/BENCHMARKS.md: the inference worker was busy 65-71% of the engine runs).
 - **Host path without Kafka** (``engine_null``): the engine with the null model and
   null decode on this machine's CPU: how many records a second one instance's event
   loop, shared memory and pipes carry when neither decode nor the model costs

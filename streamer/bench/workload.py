@@ -50,7 +50,7 @@ class BenchConfig:
     profile_host: bool = False  # py-spy both host-stage drains (streamer.bench.host_profile)
     host_instances: int = 1  # > 1: n null-model services then drain at once (bench.host)
     service_log_level: str = "WARNING"  # DEBUG shows the latency-target policy's corrections
-    e2e_records: int = 600  # issue 11's cold start: 600 records from ready
+    e2e_records: int = 600  # a cold start: 600 records from ready
     naive_records: int = 60
     latency_fractions: tuple[float, ...] = (0.5, 0.9)
     # The same phases again on a second service run with this p99 target (None: skip).

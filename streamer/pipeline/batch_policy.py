@@ -29,7 +29,7 @@ decoded):
    the smallest about as efficient as any (``best_batch_size``): near capacity
    the queue decides latency, and that size serves it almost as fast as any with
    the shortest batches. (It was the drain size, the largest: at 90% of the drain
-   peak no size had 20% to spare, and in the benchmark of 2026-12-04 a batch of
+   peak no size had 20% to spare, and in a benchmark (docs/BENCHMARKS.md) a batch of
    20 ran 0.84 s and p99 was 0.96 s.) Under lag, step 1 drains.
    Records already queued beyond that size may join the batch, up to the most
    efficient size: they have waited already (the ``Batcher`` asks again when a
@@ -107,7 +107,7 @@ class BatchTimes:
     rows, decoding on the device, the forward pass), not as the request's round
     trip: with two batches in flight per device the second one's round trip
     includes the first one's turn, and a policy that read round trips
-    believed the device half as fast as it was (benchmark of 2026-12-04, 90% of
+    believed the device half as fast as it was (a benchmark at 90% of
     peak: it gave up on the budget and drained with batches of 8, p99 1.16 s where
     batches of 4 without a target kept p99 at 0.65 s).
 
@@ -243,7 +243,7 @@ class LatencyTargetPolicy:
         A record that finished while the batcher lagged, or one fetched later than the
         target itself, was delayed by queueing no batch size could help (a backlog
         left while the service was down or starting, or one it is draining): it does
-        not count. Benchmark of 2026-12-04: the 600 records preloaded before the
+        not count. In a benchmark the 600 records preloaded before the
         service started reached it 36-38 s late, and the policy, counting them, cut
         its budget to the floor (batches of 1) for the first minute of the steady
         phase that followed.

@@ -117,7 +117,7 @@ def service_settings(bootstrap: str, prefix: str, **overrides: Any) -> Settings:
         "max_batch_size": 16,
         "max_batch_delay_ms": 20,
         "decode_workers": 1,
-        # A standby is one more model to load before a service is ready (issue 11);
+        # A standby is one more model to load before a service is ready;
         # the tests of worker deaths, where it matters, turn it on.
         "inference_standby": False,
         # One model per service, as above; tests of several CPU workers ask for them.

@@ -1,4 +1,4 @@
-"""Inference workers that fail in the ways issue 10 lists; the service keeps serving.
+"""Inference workers that fail in each way below; the service keeps serving.
 
 Each test runs the real service on the real broker with a fault injected into its
 inference workers (``tests/integration/fault_workers.py``): a worker that dies at
