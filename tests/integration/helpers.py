@@ -24,6 +24,21 @@ from streamer.tools.produce import Message, publish
 Record: TypeAlias = ConsumerRecord[bytes, bytes]
 
 
+async def kcat(*args: str, stdin: bytes | None = None) -> str:
+    """Run kcat without blocking the event loop (the service may run in this loop); its
+    standard output, or a failed assertion with its standard error."""
+    process = await asyncio.create_subprocess_exec(
+        "kcat",
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(stdin), 60)
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
 async def produce(options: dict[str, Any], topic: str, messages: list[Message]) -> None:
     await publish(options, topic, messages)
 

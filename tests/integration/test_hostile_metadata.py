@@ -22,8 +22,13 @@ import pytest
 
 from streamer import corpus
 from streamer.schemas import DLQ_REASON, DLQ_SOURCE_OFFSET
-from tests.integration.helpers import produce, read_exactly, running_service, service_settings
-from tests.integration.test_kcat import kcat
+from tests.integration.helpers import (
+    kcat,
+    produce,
+    read_exactly,
+    running_service,
+    service_settings,
+)
 
 pytestmark = [
     pytest.mark.integration,

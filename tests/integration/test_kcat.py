@@ -3,7 +3,6 @@ the predictions."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
@@ -16,19 +15,15 @@ from PIL import Image
 from streamer import corpus
 from streamer.kafka import compat
 from streamer.schemas import DLQ_MESSAGE, DLQ_REASON, DLQ_SOURCE_OFFSET
-from tests.integration.helpers import read_all, read_exactly, running_service, service_settings
+from tests.integration.helpers import (
+    kcat,
+    read_all,
+    read_exactly,
+    running_service,
+    service_settings,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-
-async def kcat(*args: str) -> str:
-    """Run kcat without blocking the event loop (the service runs in this loop)."""
-    process = await asyncio.create_subprocess_exec(
-        "kcat", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode()
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is installed by make test")

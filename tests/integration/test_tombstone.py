@@ -3,7 +3,6 @@ either delivery mode, and the records behind it on its partition are predicted."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -12,21 +11,13 @@ import pytest
 
 from streamer import corpus
 from streamer.schemas import DLQ_REASON, DLQ_SOURCE_OFFSET, header
-from tests.integration.helpers import read_exactly, running_service, service_settings
+from tests.integration.helpers import kcat, read_exactly, running_service, service_settings
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.timeout(300),
     pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat is installed by make test"),
 ]
-
-
-async def kcat(argv: list[str], stdin: bytes | None = None) -> None:
-    process = await asyncio.create_subprocess_exec(
-        "kcat", *argv, stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(stdin), 60)
-    assert process.returncode == 0, stderr.decode()
 
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
@@ -47,8 +38,8 @@ async def test_a_tombstone_gets_a_dead_letter_and_the_photos_behind_it_predictio
         photos[-1].write_bytes(sample.data)
     target = ["-b", kafka_bootstrap, "-t", settings.input_topic]
     # With a key delimiter, -Z sends an empty key and an empty value as NULL: a tombstone.
-    await kcat(["-P", "-Z", "-K:", *target], stdin=b":\n")
-    await kcat(["-P", *target, *map(str, photos)])  # a message per file, behind it
+    await kcat("-P", "-Z", "-K:", *target, stdin=b":\n")
+    await kcat("-P", *target, *map(str, photos))  # a message per file, behind it
 
     async with running_service(settings):
         predictions = await read_exactly(kafka_options, settings.output_topic, 3, timeout_s=180)

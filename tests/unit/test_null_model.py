@@ -52,7 +52,7 @@ def test_the_batch_time_table_has_a_forward_time_per_size() -> None:
 
 
 def test_the_table_keeps_each_size_s_fastest_of_several_rounds() -> None:
-    """Benchmark 2026-12-03: one timed pass per size gave tables whose best size was 4
+    """In a benchmark, one timed pass per size gave tables whose best size was 4
     in one start and 8 in the next, and 32 in a start where t(1) was 0.045 s against
     0.028 s (something else was loading). One slow pass must not decide the size."""
     from types import SimpleNamespace

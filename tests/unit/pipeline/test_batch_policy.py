@@ -29,7 +29,7 @@ def test_without_a_target_the_settings_decide() -> None:
 
 
 def test_steady_state_picks_the_smallest_efficient_batch_the_budget_allows() -> None:
-    """Benchmark 2026-12-03 (run C, 90% of peak): the policy took the largest batch the
+    """A benchmark at 90% of peak: the policy took the largest batch the
     budget allowed (about 13 on that CPU), where 4 was as fast per image. Its batches
     averaged 4.6 records against 2.3 without a target, and its p99 was 0.679 s against
     0.388 s: the target made latency worse."""
@@ -233,7 +233,7 @@ def test_the_timed_sizes_are_powers_of_two_up_to_the_max() -> None:
 
 
 def test_the_policy_sees_sizes_it_has_not_run_through_the_scaled_load_time_table() -> None:
-    """Benchmark 2026-12-03: a policy that had only run batches of 32 drained with 32,
+    """In a benchmark, a policy that had only run batches of 32 drained with 32,
     where 8 was a third faster per record, and never caught up at 90% of peak."""
     times = batch_policy.BatchTimes()
     table = {1: 0.028, 2: 0.043, 4: 0.067, 8: 0.133, 16: 0.287, 32: 0.700}
