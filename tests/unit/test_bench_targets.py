@@ -1,4 +1,4 @@
-"""Issue 11's end-to-end targets, judged from a run's figures (no Kafka)."""
+"""The benchmark's end-to-end targets, judged from a run's figures (no Kafka)."""
 
 from __future__ import annotations
 

@@ -171,7 +171,7 @@ async def test_a_worker_that_dies_right_after_ready_is_started_ever_slower_then_
 async def test_start_returns_once_the_standby_is_up_so_no_model_loads_while_serving(
     tmp_path: Path,
 ) -> None:
-    """Issue 11: a standby still loading at the first records took CPU from the worker."""
+    """At a cold start, a standby still loading at the first records took CPU from the worker."""
     pool = make_pool(tmp_path, Metrics(), standby=True)
     try:
         await pool.start()

@@ -203,7 +203,7 @@ class QueuedPool:
 
 
 async def test_the_latency_target_sees_the_worker_s_own_batch_time_not_the_round_trip() -> None:
-    """Benchmark 2026-12-04 (AMD EPYC, 90% of peak): the policy learned t(b) from
+    """A benchmark at 90% of peak: the policy learned t(b) from
     request round trips, which with two batches in flight per device include the one
     ahead's turn. It believed the device half as fast, gave up on the budget and
     drained with batches of 8: p99 1.16 s, where batches of 4 without a target kept
@@ -222,7 +222,7 @@ async def test_the_latency_target_sees_the_worker_s_own_batch_time_not_the_round
 
 
 def test_records_that_reach_the_service_already_late_do_not_correct_the_latency_target() -> None:
-    """Benchmark 2026-12-04: records preloaded before the service started reached it
+    """In a benchmark, records preloaded before the service started reached it
     36-38 s late; counted, they cut the budget to the floor (batches of 1) for the
     first minute of the steady phase that followed."""
     settings = Settings(weights="random:0", device="cpu", latency_target_ms=500)
